@@ -1,0 +1,278 @@
+"""Images -> SOLO patches and tokens (DESIGN.md, "Tokens and images"). numpy and PIL only, no torch.
+
+PIL decodes, applies EXIF orientation, converts modes and resizes (bilinear, as the authors'
+torchvision `Resize` on a PIL image does); numpy reshapes pixels into patches. The pipeline is
+`load_image` -> `resize_for_patches` -> `patchify` (`encode_image` runs all three), then
+`normalize_patches` at batch time and `image_token_ids` for the token layout.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFile, ImageOps
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+# Short machine-readable causes; the preprocessing CLI counts skipped images by these.
+REASONS = (
+    "unreadable_file",  # the path cannot be read (missing, permissions, a directory)
+    "empty_file",  # zero bytes
+    "not_an_image",  # PIL cannot identify the format
+    "decompression_bomb",  # more pixels than max_pixels / PIL's MAX_IMAGE_PIXELS
+    "empty_image",  # a side of zero pixels
+    "corrupt_image",  # identified, but decoding fails (truncated JPEG, bad chunks, ...)
+)
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used; `.source` names the input, `.reason` is one of REASONS."""
+
+    def __init__(self, source: str, reason: str, detail: str):
+        assert reason in REASONS, reason
+        self.source, self.reason, self.detail = source, reason, detail
+        super().__init__(f"{source}: {detail} [{reason}]")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    patches: np.ndarray  # uint8 (rows * cols, 3 * P * P), see patchify
+    rows: int
+    cols: int
+
+
+def target_size(
+    width: int, height: int, patch_size: int = 32, max_side: int = 1024
+) -> tuple[int, int]:
+    """(new_width, new_height) by the authors' `get_resize_output_image_size`, zero sides fixed."""
+    for name, v in (("width", width), ("height", height), ("patch_size", patch_size),
+                    ("max_side", max_side)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if max_side % patch_size:
+        raise ValueError(f"max_side {max_side} is not a multiple of patch_size {patch_size}")
+    long, short = int(max(width, height)), int(min(width, height))
+    new_long = min(-(-long // patch_size) * patch_size, max_side)
+    # Integer floor equals their int(new_long * short / long): for these magnitudes a float
+    # quotient is never within one ulp of the next integer.
+    scaled_short = new_long * short // long
+    # Their code stops here and returns 0 when scaled_short is 0 (e.g. 20000x1): clamp to P.
+    new_short = max(patch_size, -(-scaled_short // patch_size) * patch_size)
+    return (new_long, new_short) if width >= height else (new_short, new_long)
+
+
+@contextmanager
+def _strict_pil() -> Iterator[None]:
+    # Both switches are process-global in PIL; a library that flipped them would let truncated
+    # files decode as grey and bombs pass with a warning. Scoped here, restored after (not
+    # thread-safe, like warnings.catch_warnings; preprocessing uses processes).
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def load_image(
+    source: str | os.PathLike | bytes | bytearray | memoryview,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+) -> Image.Image:
+    """Decode a path or encoded bytes into an RGB image, EXIF orientation applied.
+
+    Raises ImageLoadError naming `name` (default: the path, or "<bytes len=N>"). `max_pixels`
+    defaults to PIL's Image.MAX_IMAGE_PIXELS; PIL's own check still runs, so the effective
+    limit is the smaller of the two.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = name or f"<bytes len={len(data)}>"
+    else:
+        label = name or os.fspath(source)
+        try:
+            # Reading the bytes ourselves means no file handle outlives this call.
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ImageLoadError(label, "unreadable_file", f"cannot read file ({e})") from e
+    if not data:
+        raise ImageLoadError(label, "empty_file", "file is empty (0 bytes)")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+
+    with _strict_pil():
+        try:
+            im = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageLoadError(label, "decompression_bomb", str(e)) from e
+        except Image.UnidentifiedImageError as e:
+            raise ImageLoadError(label, "not_an_image", "not a recognised image format") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - PIL plugins raise many types on bad headers
+            raise ImageLoadError(label, "corrupt_image", f"bad header ({e!r})") from e
+        if im.width == 0 or im.height == 0:
+            raise ImageLoadError(label, "empty_image", f"image size {im.width}x{im.height}")
+        if limit is not None and im.width * im.height > limit:
+            raise ImageLoadError(
+                label, "decompression_bomb",
+                f"{im.width}x{im.height} = {im.width * im.height} pixels > limit {limit}",
+            )
+        try:
+            im.load()  # decode everything now: a truncated file fails here, not later
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ImageLoadError(label, "corrupt_image", f"cannot decode ({e})") from e
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block should not cost a good image
+        pass
+    return to_rgb(im, name=label)
+
+
+def _gray_to_uint8(image: Image.Image) -> np.ndarray:
+    a = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        # The mode fixes the range to 0..65535: map it onto 0..255 with rounding.
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    # "I" (int32) and "F" (float) have no fixed range: stretch what is there.
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if hi > lo:
+        a = (a - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, *, name: str = "<image>") -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white (a transparent pixel is white)."""
+    if image.width == 0 or image.height == 0:
+        raise ImageLoadError(name, "empty_image", f"image size {image.width}x{image.height}")
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        # PIL's own I/F -> L conversion clips at 255 instead of scaling.
+        return Image.fromarray(_gray_to_uint8(image)).convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
+
+
+def resize_for_patches(
+    image: Image.Image, patch_size: int = 32, max_side: int = 1024
+) -> Image.Image:
+    """Bilinear resize to `target_size`; the image itself when it already has that size."""
+    size = target_size(image.width, image.height, patch_size, max_side)
+    if image.size == size:
+        return image
+    return image.resize(size, Image.Resampling.BILINEAR)
+
+
+def patchify(image: Image.Image | np.ndarray, patch_size: int = 32) -> np.ndarray:
+    """RGB image (H, W multiples of P) -> uint8 (rows*cols, 3*P*P), row-major grid, (C, y, x)."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"patchify needs an RGB uint8 image, got {a.dtype} array {a.shape}")
+    h, w, _ = a.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {w}x{h} is not a multiple of patch_size {patch_size}")
+    rows, cols = h // patch_size, w // patch_size
+    grid = a.reshape(rows, patch_size, cols, patch_size, 3).transpose(0, 2, 4, 1, 3)
+    return grid.reshape(rows * cols, 3 * patch_size * patch_size)  # copies: grid is strided
+
+
+def unpatchify(patches: np.ndarray, rows: int, cols: int, patch_size: int = 32) -> Image.Image:
+    """Exact inverse of `patchify`."""
+    p = np.asarray(patches)
+    expected = (rows * cols, 3 * patch_size * patch_size)
+    if p.dtype != np.uint8 or p.shape != expected:
+        raise ValueError(f"expected uint8 patches of shape {expected}, got {p.dtype} {p.shape}")
+    a = p.reshape(rows, cols, 3, patch_size, patch_size).transpose(0, 3, 1, 4, 2)
+    return Image.fromarray(np.ascontiguousarray(a.reshape(rows * patch_size, cols * patch_size, 3)))
+
+
+def _channel_view(patches: np.ndarray) -> np.ndarray:
+    n = patches.shape[-1]
+    if n % 3 or math.isqrt(n // 3) ** 2 != n // 3:
+        raise ValueError(f"last dim {n} is not 3 * P * P")
+    return patches.reshape(*patches.shape[:-1], 3, n // 3)
+
+
+def normalize_patches(patches: np.ndarray) -> np.ndarray:
+    """uint8 patches (..., 3P²) -> float32: x/255, then ImageNet mean/std per channel.
+
+    Same float32 arithmetic as torchvision's ToTensor + Normalize in the authors' code.
+    """
+    x = _channel_view(np.asarray(patches)).astype(np.float32) / np.float32(255.0)
+    x = (x - IMAGENET_MEAN[:, None]) / IMAGENET_STD[:, None]
+    return x.reshape(patches.shape)
+
+
+def denormalize_patches(patches: np.ndarray) -> np.ndarray:
+    """Inverse of `normalize_patches`, rounded back to uint8."""
+    x = _channel_view(np.asarray(patches, dtype=np.float32))
+    x = (x * IMAGENET_STD[:, None] + IMAGENET_MEAN[:, None]) * 255.0
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(patches.shape)
+
+
+def image_token_ids(rows: int, cols: int, tokenizer) -> list[int]:
+    """`<vision>` row0 `<vrow_sep>` row1 ... row(rows-1) `</vision>`; a row is cols x `<vpatch>`."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"an image needs at least one patch, got {rows}x{cols}")
+    row = [tokenizer.patch_id] * cols
+    ids = [tokenizer.vision_start_id]
+    for r in range(rows):
+        if r:
+            ids.append(tokenizer.row_sep_id)
+        ids.extend(row)
+    ids.append(tokenizer.vision_end_id)
+    return ids
+
+
+def visualize_patches(
+    image: Image.Image, patch_size: int = 32, max_side: int = 1024,
+    line_color: tuple[int, int, int] = (255, 0, 0),
+) -> Image.Image:
+    """The resized RGB image with the patch grid drawn over the patch borders."""
+    out = resize_for_patches(to_rgb(image), patch_size, max_side).copy()
+    draw = ImageDraw.Draw(out)
+    for x in range(patch_size, out.width, patch_size):
+        draw.line([(x, 0), (x, out.height - 1)], fill=line_color)
+    for y in range(patch_size, out.height, patch_size):
+        draw.line([(0, y), (out.width - 1, y)], fill=line_color)
+    return out
+
+
+def encode_image(
+    source: Image.Image | str | os.PathLike | bytes,
+    patch_size: int = 32,
+    max_side: int = 1024,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+) -> EncodedImage:
+    """Load (unless already a PIL image, then only converted to RGB) -> resize -> patchify."""
+    if isinstance(source, Image.Image):
+        image = to_rgb(source, name=name or "<image>")
+    else:
+        image = load_image(source, name=name, max_pixels=max_pixels)
+    image = resize_for_patches(image, patch_size, max_side)
+    return EncodedImage(
+        patches=patchify(image, patch_size),
+        rows=image.height // patch_size,
+        cols=image.width // patch_size,
+    )
