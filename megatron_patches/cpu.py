@@ -7,7 +7,8 @@ the CPU so that tests and the CPU demo exercise the same code paths as a GPU clu
 * tensors created with ``device='cuda'`` or ``device=torch.cuda.current_device()`` (the optimizer's
   ``_dummy_overflow_buf``, clip_grads' norm buffers, all-gather outputs in tensor_parallel): a
   ``TorchFunctionMode`` rewrites any CUDA device argument (and ``Tensor.cuda()``) to the CPU;
-* ``torch.cuda.current_device()`` returns 0, which that mode maps to the CPU;
+* ``torch.cuda.current_device()`` returns the CPU device: megatron-core passes it as ``device=``,
+  also inside autograd backward functions, where torch-function modes are not active;
 * ``Tensor.type()`` checks for ``'torch.cuda.FloatTensor'`` (``distrib_optimizer.py``,
   ``clip_grads.py``): a CPU tensor answers with the CUDA name of its dtype;
 * the CUDA RNG (``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and
@@ -87,7 +88,7 @@ def apply() -> None:
 
     from megatron.core.tensor_parallel import random as mcore_random
 
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.get_rng_state = _get_rng_state
     torch.cuda.random.get_rng_state = _get_rng_state

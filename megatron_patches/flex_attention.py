@@ -1,0 +1,98 @@
+"""Packed-document attention for megatron-core's local layer spec, on PyTorch FlexAttention.
+
+Why: megatron-core 0.16.1 supports packed sequences (documents that must not attend to each other)
+only through TransformerEngine's THD attention; its local `DotProductAttention` asserts
+`packed_seq_params is None`. Where TE is not installed on a GPU, a dense [s, s] mask is out of the
+question at 32,768 tokens (1 GiB per row), so this module is a drop-in `core_attention` for the
+local spec that reads the document boundaries from `PackedSeqParams.cu_seqlens_q` (qkv_format
+'sbhd', so megatron-core passes the tensors through unchanged) and runs FlexAttention with a
+causal, same-document block mask. Block-sparse: masked-out tiles cost nothing.
+
+The mask is built once per forward pass of the model, not per layer: `PackedSeqParams` objects are
+shared by all layers, so the block mask is cached on them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Eager FlexAttention materializes scores; compiled, it is a fused block-sparse kernel.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] document index of each token, from cumulative document lengths [n_docs + 1]."""
+    positions = torch.arange(total, device=cu_seqlens.device)
+    return torch.bucketize(positions, cu_seqlens[1:].to(positions.dtype), right=True)
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, total: int):
+    docs = document_ids(cu_seqlens, total)
+
+    def same_document_causal(b, h, q, kv):
+        return (docs[q] == docs[kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, None, None, total, total, device=cu_seqlens.device)
+
+
+class FlexDocumentAttention(MegatronModule):
+    """`core_attention` with the signature of megatron-core's DotProductAttention."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("FlexDocumentAttention does not support context parallelism; use TransformerEngine")
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0.0:
+            raise ValueError("FlexDocumentAttention has no attention dropout (SOLO trains without dropout)")
+        tp = config.tensor_model_parallel_size
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
+        self.softmax_scale = softmax_scale
+        self.compiled = torch.cuda.is_available()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if packed_seq_params is None or packed_seq_params.cu_seqlens_q is None:
+            raise ValueError("FlexDocumentAttention needs packed_seq_params with cu_seqlens_q (document boundaries)")
+        seq, batch = query.shape[0], query.shape[1]
+        if batch != 1:
+            raise ValueError(f"FlexDocumentAttention expects the packed batch as one row, got batch {batch}")
+        block_mask = getattr(packed_seq_params, "_solo_block_mask", None)
+        if block_mask is None:
+            block_mask = document_block_mask(packed_seq_params.cu_seqlens_q, seq)
+            packed_seq_params._solo_block_mask = block_mask
+        # megatron: [s, b, heads, dim] -> flex: [b, heads, s, dim]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        attend = _compiled_flex_attention() if self.compiled else flex_attention
+        out = attend(q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=self.heads != self.groups)
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

@@ -1,0 +1,207 @@
+"""SOLOModel: megatron-core's GPTModel whose input embedding also reads image patches.
+
+megatron-core does the heavy lifting: `GPTModel` (embedding, decoder, output layer, vocab-parallel
+cross entropy), tensor/sequence parallelism and the layer implementations, chosen by module spec:
+
+* ``"te"``: TransformerEngine layers, packed documents through TE's THD attention (GPU);
+* ``"flex"``: local layers, packed documents through FlexAttention (GPU without TE,
+  `megatron_patches/flex_attention.py`);
+* ``"local"``: local layers, packed documents through a block-diagonal causal mask (CPU).
+
+The one addition (SOLO, Sec. 2.1; the authors' ``inputs_embeds += vision_embeds``): at every
+``<vpatch>`` position the input embedding is the ``<vpatch>`` token embedding plus a bias-free
+``Linear(3 * patch_size**2 -> hidden)`` projection of the normalized patch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+
+from solo.config import ModelConfig, ParallelConfig
+from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
+
+BACKENDS = ("local", "flex", "te")
+PATCH_ID = SP_VOCAB_SIZE + SPECIAL_TOKENS.index("<vpatch>")  # 32001
+
+
+def default_backend() -> str:
+    if not torch.cuda.is_available():
+        return "local"
+    try:
+        import transformer_engine  # noqa: F401
+
+        return "te"
+    except ImportError:
+        return "flex"
+
+
+def layer_spec(backend: str, config: TransformerConfig):
+    """The decoder's module spec: which layer implementation runs where (no if-else in the model)."""
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    if backend not in ("local", "flex"):
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from megatron_patches.torch_norm import SequenceParallelTorchNorm
+
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = SequenceParallelTorchNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if backend == "flex":
+        from megatron_patches.flex_attention import FlexDocumentAttention
+
+        layer.submodules.self_attention.submodules.core_attention = FlexDocumentAttention
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelTorchNorm
+    )
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    bf16: bool = False,
+    recompute_num_layers: int = 0,
+) -> TransformerConfig:
+    """Mistral-style decoder (SwiGLU, RMSNorm, GQA, no biases, no dropout) as megatron-core sees it."""
+    recompute = (
+        dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=recompute_num_layers)
+        if recompute_num_layers
+        else {}
+    )
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        # Weights are initialized whole on the CPU and then split, so every TP size starts from
+        # the same model (and the TP=1 vs TP=2 parity tests are exact).
+        use_cpu_initialization=True,
+        calculate_per_token_loss=True,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        **recompute,
+    )
+
+
+class SOLOModel(GPTModel):
+    """GPTModel + linear patch embedding. Call with a packed batch (see `solo.data.batch`)."""
+
+    def __init__(self, config: TransformerConfig, model: ModelConfig, backend: str, **kwargs):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=layer_spec(backend, config),
+            vocab_size=model.padded_vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rope_theta),
+            share_embeddings_and_output_weights=False,
+            **kwargs,
+        )
+        self.backend = backend
+        self.model_config = model
+        if self.pre_process:
+            self.patch_projection = torch.nn.Linear(
+                model.patch_dim, config.hidden_size, bias=False, dtype=config.params_dtype
+            )
+            with torch.no_grad():
+                torch.nn.init.normal_(self.patch_projection.weight, std=config.init_method_std)
+            # Under sequence parallelism each TP rank projects only the patches of its sequence
+            # slice, so the weight's gradient is a partial sum: megatron-core's
+            # finalize_model_grads all-reduces parameters marked like this across TP.
+            self.patch_projection.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        patches: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Returns the per-token loss [b, s] when `labels` are given (megatron convention), else logits."""
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            decoder_input = self._add_patch_embeddings(decoder_input, input_ids, patches)
+        return super().forward(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+            packed_seq_params=packed_seq_params, **kwargs,
+        )
+
+    def _add_patch_embeddings(self, embeddings, input_ids, patches):
+        """embeddings: [s_local, b, h] (sequence-parallel slice), patches: [n, patch_dim] in the
+        order their <vpatch> tokens appear in input_ids read row by row."""
+        is_patch = input_ids == PATCH_ID  # [b, s]
+        count = int(is_patch.sum())
+        given = 0 if patches is None else patches.shape[0]
+        if count != given:
+            raise ValueError(
+                f"the batch has {count} <vpatch> tokens (id {PATCH_ID}) but {given} image patches"
+            )
+        if count == 0:
+            # Touch the projection so its (zero) gradient exists on every step and rank.
+            return embeddings + 0.0 * self.patch_projection.weight.sum()
+        if patches.shape[1] != self.model_config.patch_dim:
+            raise ValueError(
+                f"patches have {patches.shape[1]} values, the model expects {self.model_config.patch_dim} "
+                f"(3 x patch_size {self.model_config.patch_size}^2)"
+            )
+        patch_index = (is_patch.flatten().cumsum(0) - 1).view_as(is_patch).t()  # [s, b]
+        is_patch = is_patch.t()
+        if self.config.sequence_parallel:
+            local = embeddings.shape[0]
+            start = parallel_state.get_tensor_model_parallel_rank() * local
+            is_patch, patch_index = is_patch[start:start + local], patch_index[start:start + local]
+        seq_idx, batch_idx = is_patch.nonzero(as_tuple=True)
+        weight = self.patch_projection.weight
+        projected = self.patch_projection(patches[patch_index[seq_idx, batch_idx]].to(weight.dtype))
+        return embeddings.index_put((seq_idx, batch_idx), projected.to(embeddings.dtype), accumulate=True)
+
+
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    backend: str | None = None,
+    bf16: bool = False,
+    recompute_num_layers: int = 0,
+) -> SOLOModel:
+    """Build this rank's SOLOModel (model-parallel groups must be initialized)."""
+    backend = backend or default_backend()
+    config = transformer_config(model, parallel, bf16=bf16, recompute_num_layers=recompute_num_layers)
+    solo = SOLOModel(
+        config, model, backend,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if torch.cuda.is_available():
+        solo.cuda(torch.cuda.current_device())
+    return solo
