@@ -1,0 +1,69 @@
+"""solo.config: YAML + key=value overrides into frozen dataclasses; unknown keys are errors."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from solo.config import ConfigError, MODEL_PRESETS, config_from_dict, load_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("stage,steps", [("stage1", 1525), ("stage2", 3480), ("stage3", 300)])
+def test_paper_recipe_configs(stage, steps):
+    cfg = load_config(CONFIGS / f"{stage}.yaml")
+    assert cfg.train_steps == steps
+    assert cfg.global_batch_size == 128 and cfg.micro_batch_size == 1
+    assert cfg.data.seq_length_tokens == 32768
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.lr_warmup_steps) == (5e-5, 5e-6, 200)
+    assert cfg.optimizer.weight_decay == 0.1 and cfg.optimizer.clip_grad == 1.0
+    assert cfg.parallel.tensor_parallel == 2 and cfg.parallel.use_distributed_optimizer
+    assert cfg.model == MODEL_PRESETS["mistral-7b"]
+    assert abs(sum(s.fraction for s in cfg.data.sources) - 1) < 1e-9
+
+
+def test_mistral_shape_and_padded_vocab():
+    m = MODEL_PRESETS["mistral-7b"]
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size) == (32, 4096, 32, 8, 14336)
+    assert m.vocab_size == 33031 and m.padded_vocab_size % 128 == 0 and m.padded_vocab_size >= 33031
+
+
+def test_overrides_reach_nested_fields_and_keep_types():
+    cfg = load_config(CONFIGS / "stage1.yaml", ["optimizer.lr=1e-4", "model.num_layers=4", "data.seed=7",
+                                                "parallel.sequence_parallel=false", "stage=custom"])
+    assert cfg.optimizer.lr == 1e-4 and cfg.model.num_layers == 4 and cfg.model.hidden_size == 4096
+    assert cfg.data.seed == 7 and cfg.parallel.sequence_parallel is False and cfg.stage == "custom"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train_steps = 3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.lrr=1", "unknown key"),
+    ("nonsense=1", "unknown key"),
+    ("train_steps=abc", "expected int"),
+    ("train_steps=1.5", "expected int"),
+    ("parallel.tensor_parallel=3", "not divisible"),
+    ("precision=fp8", "precision"),
+    ("model.preset=gpt5", "unknown model preset"),
+    ("optimizer.min_lr=1", "min_lr"),
+    ("lr", "key=value"),
+])
+def test_bad_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "stage1.yaml", [override])
+
+
+def test_fractions_must_sum_to_one():
+    sources = [{"name": "a", "path": "x", "fraction": 0.5}, {"name": "b", "path": "y", "fraction": 0.2}]
+    with pytest.raises(ConfigError, match="sum to 1"):
+        config_from_dict({"data": {"sources": sources}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
