@@ -18,9 +18,9 @@ class SequenceParallelTorchNorm:
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
         if config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         else:
             raise ValueError(f"unsupported normalization {config.normalization!r}")
         for param in norm.parameters():
