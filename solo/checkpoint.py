@@ -1,0 +1,163 @@
+"""Checkpoints: megatron-core dist_checkpointing (torch_dist format), made crash-safe.
+
+megatron-core writes and reads the sharded tensors (any TP/DP layout can load any other: a TP=2
+checkpoint loads at TP=1). This module adds what a month-long run needs around it:
+
+* a checkpoint is written to `SAVE_DIR/.tmp-iter_NNNNNNN`, renamed to `iter_NNNNNNN` only once
+  every rank has finished, and only then does the `latest` pointer (itself replaced atomically)
+  name it: a crash mid-write leaves the previous checkpoint as the one resumed;
+* `solo_meta.json` beside the tensors records the step, the model shape and the parallel layout,
+  so a checkpoint of another shape is refused with a clear message before any compute;
+* the newest `keep` checkpoints are kept, older ones removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from solo.config import ModelConfig
+
+META_FILE = "solo_meta.json"
+LATEST_FILE = "latest"
+# The fields of ModelConfig that decide tensor shapes; the rest (e.g. max_image_side) may change.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "vocab_size", "patch_size")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a save dir whose `latest` names one."""
+    path = Path(path)
+    if (path / LATEST_FILE).is_file():
+        name = (path / LATEST_FILE).read_text().strip()
+        path = path / name
+    if not (path / META_FILE).is_file():
+        raise CheckpointError(f"{path}: not a SOLO checkpoint (no {META_FILE}; is the path right?)")
+    return path
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    save_dir = Path(save_dir)
+    if not (save_dir / LATEST_FILE).is_file():
+        return None
+    return resolve_checkpoint(save_dir)
+
+
+def read_meta(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / META_FILE).read_text())
+
+
+def check_model_shape(checkpoint: Path, model: ModelConfig) -> None:
+    saved = read_meta(checkpoint).get("model", {})
+    wrong = [f"{k}: checkpoint {saved.get(k)} vs config {getattr(model, k)}"
+             for k in SHAPE_FIELDS if saved.get(k) != getattr(model, k)]
+    if wrong:
+        raise CheckpointError(f"{checkpoint}: model shape does not match the config: " + "; ".join(wrong))
+
+
+def _rng_object() -> ShardedObject:
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size())
+    return ShardedObject("rng_state", state, shape, (pp, tp), replica_id=parallel_state.get_data_parallel_rank())
+
+
+# 'fully_reshardable' (megatron-core 0.16): the distributed optimizer's state is stored per
+# parameter in canonical shape, so a checkpoint resumes under another TP/DP layout.
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _sharded_state(model, optimizer=None, scheduler=None, with_rng: bool = True, loading: bool = False) -> dict:
+    state = {"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=loading,
+                                                          metadata=SHARDING_METADATA)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if with_rng:
+        state["rng_state"] = _rng_object()
+    return state
+
+
+def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler, meta: dict, keep: int = 2) -> Path:
+    """Collective: every rank calls it. `model` is the unwrapped SOLOModel."""
+    save_dir = Path(save_dir)
+    final = save_dir / f"iter_{step:07d}"
+    tmp = save_dir / f".tmp-iter_{step:07d}"
+    if dist.get_rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler), str(tmp))
+    _barrier()
+    if dist.get_rank() == 0:
+        _atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(save_dir / LATEST_FILE, final.name + "\n")
+        _prune(save_dir, keep)
+    _barrier()
+    return final
+
+
+def _prune(save_dir: Path, keep: int) -> None:
+    done = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, load_rng: bool = True) -> dict:
+    """Load into `model` (and optimizer/scheduler/RNG when given). Returns the checkpoint's meta."""
+    meta = read_meta(checkpoint)
+    check_model_shape(checkpoint, model.model_config)
+    state = dist_checkpointing.load(
+        _sharded_state(model, optimizer, scheduler, with_rng=load_rng, loading=True), str(checkpoint)
+    )
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if load_rng:
+        rng = state["rng_state"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    return meta
+
+
+def model_meta(model_config: ModelConfig, parallel: dict, **extra) -> dict:
+    return {"model": dataclasses.asdict(model_config), "parallel": parallel, **extra}

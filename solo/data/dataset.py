@@ -1,0 +1,115 @@
+"""A training stage's data: shards of every source, blended by megatron-core's BlendedDataset.
+
+Each shard (see `solo.data.shards`) is one megatron-core `MegatronDataset`; its sampling weight is
+the source's fraction times the shard's share of the source's packed sequences, read from the shard
+manifests, so nobody types per-shard weights by hand (the SOLO authors did, after a notebook). A
+shard asked for more samples than it holds is re-read in a new order each epoch. Sample `i` of the
+blend is a pure function of (shards, fractions, seed, i): the data position of a run is its step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from megatron.core.datasets.blended_dataset import BlendedDataset
+from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+from megatron.core.datasets.megatron_dataset import MegatronDataset
+from megatron.core.datasets.utils import Split
+
+from solo.config import DataConfig
+from solo.data.shards import Shard, ShardError, list_shards, open_shard
+
+logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
+
+
+class PackedShardDataset(MegatronDataset):
+    """One shard of packed sequences; index `i` reads epoch `i // len(shard)` in a seeded order."""
+
+    def __init__(self, shard: Shard, prefix: str, shard_id: int, num_samples: int,
+                 config: BlendedMegatronDatasetConfig):
+        # num_samples >= len(shard): the blend may draw a shard for several epochs.
+        super().__init__(shard, prefix, np.arange(len(shard)), max(num_samples, len(shard)), Split.train, config)
+        self.shard_id = shard_id
+        self._epoch, self._order = -1, None
+
+    @staticmethod
+    def numel_low_level_dataset(low_level_dataset: Shard) -> int:
+        return len(low_level_dataset)
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: BlendedMegatronDatasetConfig) -> Shard:
+        return open_shard(dataset_path)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict:
+        epoch, position = divmod(int(idx), len(self.dataset))
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.config.random_seed, self.shard_id, epoch])
+            self._epoch, self._order = epoch, rng.permutation(len(self.dataset))
+        return {"sample": self.dataset.sample(int(self._order[position]))}
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    name: str
+    shards: int
+    samples: int
+    fraction: float
+
+
+class StageData:
+    """The blend of one stage. `global_batch(step)` gives the packed samples of a step."""
+
+    def __init__(self, data: DataConfig, global_batch_size: int, train_steps: int,
+                 patch_size: int | None = None):
+        if not data.sources:
+            raise ValueError("data.sources is empty: a stage needs at least one source of shards")
+        config = BlendedMegatronDatasetConfig(random_seed=data.seed, sequence_length=data.seq_length_tokens)
+        opened, self.sources = [], []
+        for source in data.sources:
+            prefixes = list_shards(source.path)  # raises a clear error for a missing folder
+            if not prefixes:
+                raise ShardError(f"data source {source.name!r}: no complete shards in {source.path}")
+            shards = [open_shard(p, verify_checksum=data.verify_checksums) for p in prefixes]
+            for prefix, shard in zip(prefixes, shards):
+                _check_compatible(prefix, shard.manifest, data.seq_length_tokens, patch_size)
+            opened.append((source, prefixes, shards))
+            self.sources.append(SourceSummary(source.name, len(shards), sum(len(s) for s in shards), source.fraction))
+        self.samples_per_epoch = sum(s.samples for s in self.sources)
+        self.global_batch_size = global_batch_size
+        self.train_steps = train_steps or math.ceil(self.samples_per_epoch / global_batch_size)
+        self.seq_length = data.seq_length_tokens
+        size = self.train_steps * global_batch_size
+        datasets, weights = [], []
+        for (source, prefixes, shards), summary in zip(opened, self.sources):
+            for prefix, shard in zip(prefixes, shards):
+                datasets.append(PackedShardDataset(shard, prefix, len(datasets), size, config))
+                weights.append(source.fraction * len(shard) / summary.samples)
+        self.blend = BlendedDataset(datasets, weights, size, config)
+
+    def global_batch(self, step: int) -> list:
+        start = step * self.global_batch_size
+        return [self.blend[i]["sample"] for i in range(start, start + self.global_batch_size)]
+
+    def rank_batch(self, step: int, dp_rank: int, dp_size: int) -> list:
+        """This data-parallel rank's contiguous share of the global batch of `step`."""
+        per_rank = self.global_batch_size // dp_size
+        start = step * self.global_batch_size + dp_rank * per_rank
+        return [self.blend[i]["sample"] for i in range(start, start + per_rank)]
+
+
+def _check_compatible(prefix: str, manifest: dict, seq_length: int, patch_size: int | None) -> None:
+    if manifest.get("seq_length") != seq_length:
+        raise ShardError(
+            f"{prefix}: packed for seq_length {manifest.get('seq_length')}, the stage uses "
+            f"data.seq_length_tokens={seq_length}"
+        )
+    if patch_size is not None and manifest.get("patch_size") not in (None, patch_size):
+        raise ShardError(
+            f"{prefix}: patches of size {manifest.get('patch_size')}, the model uses patch_size={patch_size}"
+        )
