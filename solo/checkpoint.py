@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_patches import optimizer_state
 from solo.config import ModelConfig
 
 META_FILE = "solo_meta.json"
@@ -142,6 +143,9 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, loa
     """Load into `model` (and optimizer/scheduler/RNG when given). Returns the checkpoint's meta."""
     meta = read_meta(checkpoint)
     check_model_shape(checkpoint, model.model_config)
+    if optimizer is not None:
+        optimizer_state.apply()
+        optimizer_state.init_empty_adam_state(optimizer)
     state = dist_checkpointing.load(
         _sharded_state(model, optimizer, scheduler, with_rng=load_rng, loading=True), str(checkpoint)
     )
