@@ -16,10 +16,12 @@ def free_port() -> int:
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> str:
+    """`script`: a file in tests/dist, or `-m package.module`."""
+    target = script.split() if script.startswith("-m ") else [str(DIST_DIR / script)]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(DIST_DIR / script), *map(str, args),
+        *target, *map(str, args),
     ]
     # One intra-op thread per rank: several ranks share 2 cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

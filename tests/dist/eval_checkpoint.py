@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     init_distributed(cfg.parallel.tensor_parallel, seed=cfg.seed)
     model = build_model(cfg.model, cfg.parallel, backend="local")

@@ -1,0 +1,133 @@
+"""solo.train on CPU: the three-stage curriculum under torchrun/gloo (TP=2 x DP=2), exact resume,
+TP resharding of checkpoints, and clear errors before any compute."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.shard_fixtures import write_sources
+from tests.torchrun import free_port, torchrun
+
+pytestmark = pytest.mark.distributed
+
+STAGES = {
+    "stage1": {"images": 0.7, "text": 0.3},
+    "stage2": {"images": 0.5, "text": 0.5},
+    "stage3": {"images": 0.3, "text": 0.7},
+}
+
+
+def stage_config(root: Path, stage: str, init_from: str = "", save_dir: Path | None = None, **extra) -> Path:
+    cfg = {
+        "stage": stage,
+        "model": {"preset": "tiny", "patch_size": 32},
+        "parallel": {"tensor_parallel": 2},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "lr_warmup_steps": 2},
+        "data": {"seq_length_tokens": 256, "sources": [
+            {"name": name, "path": str(root / "shards" / name), "fraction": fraction}
+            for name, fraction in STAGES[stage].items()]},
+        "train_steps": 6, "global_batch_size": 4, "precision": "fp32",
+        "init_from": init_from, "save_dir": str(save_dir or root / "runs" / stage),
+        "save_interval_steps": 2, "wandb_mode": "disabled", **extra,
+    }
+    path = root / f"{stage}-{Path(cfg['save_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(save_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def curriculum(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_sources(root / "shards")
+    previous = ""
+    for stage in STAGES:
+        torchrun("-m solo.train", 4, stage_config(root, stage, init_from=previous))
+        previous = str(root / "runs" / stage)
+    return root
+
+
+def test_three_stages_chain_and_loss_falls_in_each(curriculum):
+    for stage in STAGES:
+        run = curriculum / "runs" / stage
+        curve = losses(run)
+        assert len(curve) == 6
+        assert curve[-1] < curve[0], f"{stage}: loss did not fall: {curve}"
+        assert (run / "latest").read_text().strip() == "iter_0000006"
+        meta = json.loads((run / "iter_0000006" / "solo_meta.json").read_text())
+        assert meta["step"] == 6 and meta["parallel"] == {"tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 2}
+    # A later stage starts from the previous stage's weights, not from scratch.
+    assert losses(curriculum / "runs" / "stage2")[0] < losses(curriculum / "runs" / "stage1")[0] - 0.2
+    result = json.loads((curriculum / "runs" / "stage3" / "result.json").read_text())
+    assert result["steps"] == 6 and result["checkpoint"].endswith("iter_0000006")
+
+
+def test_killed_run_resumes_with_identical_losses(curriculum, tmp_path):
+    """SIGKILL the whole torchrun job after step 3 is checkpointed... and resume it."""
+    save_dir = tmp_path / "killed"
+    config = stage_config(curriculum, "stage1", save_dir=save_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "solo.train", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (save_dir / "iter_0000004").exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (save_dir / "latest").exists(), "no checkpoint before the kill"
+    torchrun("-m solo.train", 4, config)
+    assert losses(save_dir) == losses(curriculum / "runs" / "stage1")
+
+
+def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(curriculum, tmp_path):
+    checkpoint = curriculum / "runs" / "stage1"
+    config = stage_config(curriculum, "stage1", save_dir=tmp_path / "unused")
+    results = {}
+    for tp in (2, 1):
+        out = tmp_path / f"tp{tp}.json"
+        torchrun("eval_checkpoint.py", tp, config, "--checkpoint", checkpoint, "--out", out,
+                 f"parallel.tensor_parallel={tp}")
+        results[tp] = json.loads(out.read_text())["loss"]
+    assert results[1] == pytest.approx(results[2], rel=1e-5)
+    assert results[1] < losses(checkpoint)[0]
+
+
+def run_train_single_process(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    return subprocess.run([sys.executable, "-m", "solo.train", str(config), *overrides],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer.lr=fast"], "optimizer.lr: expected float"),
+    (["parallel.tensor_parallel=1", "data.sources=[{name: x, path: /nonexistent/shards, fraction: 1.0}]"],
+     "shard folder /nonexistent/shards does not exist"),
+    (["parallel.tensor_parallel=1", "data.seq_length_tokens=128"], "packed for seq_length 256"),
+])
+def test_bad_input_is_a_clear_error_before_compute(curriculum, tmp_path, overrides, message):
+    config = stage_config(curriculum, "stage1", save_dir=tmp_path / "run")
+    proc = run_train_single_process(config, *overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_checkpoint_of_another_model_shape_is_refused(curriculum, tmp_path):
+    config = stage_config(curriculum, "stage1", init_from=str(curriculum / "runs" / "stage1"),
+                          save_dir=tmp_path / "run")
+    proc = run_train_single_process(config, "parallel.tensor_parallel=1", "model.num_layers=3")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "model shape does not match" in proc.stderr and "num_layers: checkpoint 2 vs config 3" in proc.stderr
