@@ -100,10 +100,11 @@ SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _sharded_state(model, optimizer=None, scheduler=None, with_rng: bool = True, loading: bool = False) -> dict:
-    state = {"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}
+    # A fresh dict each time: megatron-core writes the current DP group into it in place.
+    state = {"model": model.sharded_state_dict(metadata=dict(SHARDING_METADATA))}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=loading,
-                                                          metadata=SHARDING_METADATA)
+                                                          metadata=dict(SHARDING_METADATA))
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if with_rng:

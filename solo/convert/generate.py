@@ -1,0 +1,86 @@
+"""solo-generate: greedy generation from an exported SOLO model (`solo-convert solo-to-hf`).
+
+transformers runs the model (`FuyuForCausalLM.generate`, greedy, KV cache; the image patches enter
+at the first step through Fuyu's `pixel_values`); `SOLOProcessor` builds the inputs exactly as
+training did.
+
+    solo-generate --model export/solo-hf --image dog.jpg --prompt "A photo of" --max-new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def load(model_dir: str, dtype: str = "auto"):
+    """(model, processor) from an exported folder."""
+    import torch
+    from transformers import FuyuForCausalLM
+
+    from solo.convert.processor import SOLOProcessor
+
+    if dtype == "auto":  # bf16 matmuls are slow on most CPUs: compute in fp32 there
+        dtype = "auto" if torch.cuda.is_available() else "float32"
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = FuyuForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, SOLOProcessor.from_pretrained(model_dir)
+
+
+def fuyu_inputs(model, inputs: dict) -> dict:
+    """`SOLOProcessor` output named as this transformers' `FuyuForCausalLM.forward` wants it:
+    `pixel_values` (5.23), `image_patches` in earlier releases (5.17 ignores `pixel_values`
+    silently), plus `image_patches_indices` (patch number at each `<vpatch>`, else -1) where the
+    signature still has it. Moved to the model's device and dtype."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    out = {k: v.to(model.device) for k, v in inputs.items()}
+    if "pixel_values" in out:
+        patches = out.pop("pixel_values").to(model.dtype)
+        out["pixel_values" if "pixel_values" in params else "image_patches"] = patches
+        if "image_patches_indices" in params:
+            is_patch = out["input_ids"] == model.config.image_token_id
+            out["image_patches_indices"] = (is_patch.cumsum(-1) - 1).masked_fill(~is_patch, -1)
+    return out
+
+
+def generate(model, processor, image=None, prompt: str = "", max_new_tokens: int = 32) -> list[int]:
+    """The generated ids (prompt excluded), stopping after `</s>`."""
+    import torch
+
+    inputs = fuyu_inputs(model, processor(image, prompt))
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id,
+        )
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="solo-generate", description="Greedy generation from an exported SOLO model.")
+    parser.add_argument("--model", required=True, help="folder written by `solo-convert solo-to-hf`")
+    parser.add_argument("--image", help="image file (optional: text-only prompts work too)")
+    parser.add_argument("--prompt", default="", help="text after the image")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="compute dtype (auto: as stored on GPU, float32 on CPU)")
+    args = parser.parse_args(argv)
+    from solo.vision import ImageLoadError
+
+    try:
+        model, processor = load(args.model, args.dtype)
+        ids = generate(model, processor, args.image, args.prompt, args.max_new_tokens)
+    except (FileNotFoundError, ImageLoadError, ValueError, OSError) as e:
+        print(f"solo-generate: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if ids and ids[-1] == processor.tokenizer.eos_id:
+        ids = ids[:-1]
+    print(processor.decode(ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
