@@ -112,7 +112,8 @@ def train(cfg: TrainConfig) -> dict:
     )
     steps = data.train_steps
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=min(o.lr_warmup_steps, steps),
+        # megatron-core needs warmup < decay steps: short runs (tests, demos) warm up for less.
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=min(o.lr_warmup_steps, steps - 1),
         lr_decay_steps=steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=steps, wd_incr_style="constant",
     )

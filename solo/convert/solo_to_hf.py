@@ -143,14 +143,15 @@ def _write_configs(folder: Path, model: ModelConfig, dtype: torch.dtype, tok: SO
     ).save_pretrained(folder)
 
 
-def write_tokenizer(folder: Path, tok: SOLOTokenizer) -> None:
+def write_tokenizer(folder: Path, tok: SOLOTokenizer, model: ModelConfig) -> None:
     """tokenizer.model (sentencepiece, read by SOLOProcessor) + tokenizer.json/tokenizer_config.json
     (read by `AutoTokenizer.from_pretrained`, built offline from the sentencepiece model)."""
     import tempfile
 
     from transformers import AutoTokenizer
 
-    SOLOProcessor(tok).save_pretrained(folder)  # copies tokenizer.model, writes our processor config
+    # copies tokenizer.model, writes our processor config (the model's patch size and image side)
+    SOLOProcessor(tok, model.patch_size, model.max_image_side).save_pretrained(folder)
     # Converted in a folder of its own: beside the Fuyu config.json, transformers 5.23 built a
     # tokenizer without Mistral's dummy prefix ("hello" -> "hello", not "▁hell" "o"). `legacy: True`
     # gives every text run after a special token the prefix too, as solo.tokenizer encodes
@@ -196,7 +197,7 @@ def convert_solo_to_hf(
         with staged_output(output) as tmp:
             _write_weights(tmp, solo, model, tok.patch_id, out_dtype, max_shard_bytes)
             _write_configs(tmp, model, out_dtype, tok)
-            write_tokenizer(tmp, tok)
+            write_tokenizer(tmp, tok, model)
     log.info("wrote %s: load with transformers.FuyuForCausalLM.from_pretrained and "
              "solo.convert.processor.SOLOProcessor.from_pretrained", output)
     return output
