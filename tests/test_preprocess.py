@@ -1,0 +1,503 @@
+"""solo-preprocess end to end on real files built here: ImageNet folders, webdataset tars, JSONL,
+Parquet, .jsonl.zst and LLaVA JSON, every damaged input it must skip, byte-identical output for
+any --workers, and kill-and-resume in a subprocess."""
+
+import base64
+import hashlib
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import skimage.data
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from PIL import Image
+
+from solo.data.shards import list_shards, open_shard, read_folder_manifest
+from solo.tokenizer import SOLOTokenizer
+from solo.vision import encode_image, image_token_ids
+from solo_preprocess import formats
+from solo_preprocess.cli import main
+from solo_preprocess.documents import Layout, Skip, build
+from solo_preprocess.formats import Record
+from solo_preprocess.packing import fill_ratio, pack
+from solo_preprocess.sources import load_synsets
+
+SKIMAGE = os.path.dirname(skimage.data.__file__)
+PHOTOS = {"astronaut.png": "astronaut", "chelsea.png": "tabby cat", "coffee.png": "coffee cup",
+          "rocket.jpg": "rocket", "horse.png": "horse", "hubble_deep_field.jpg": "galaxies",
+          "camera.png": "cameraman", "coins.png": "coins", "moon.png": "moon"}
+SEQ, PATCH, SIDE = 2048, 32, 256
+OPTS = ["--seq-length", str(SEQ), "--patch-size", str(PATCH), "--max-side", str(SIDE), "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return SOLOTokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def layout(tok):
+    return Layout(tok, SEQ, PATCH, SIDE)
+
+
+# -- input builders ----------------------------------------------------------------------------
+
+def photo(name, side=200, fmt="JPEG"):
+    with Image.open(os.path.join(SKIMAGE, name)) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.save(buf, fmt, quality=90)
+        return buf.getvalue()
+
+
+def synthetic(w, h, seed=0, fmt="PNG"):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png():
+    """A mode-1 PNG of 20000x20000 pixels in a few kilobytes."""
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 2501 * 20000, 9)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def add_members(tar, members):
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+BAD_IMAGES = {  # file name -> (bytes, skip reason)
+    "corrupt.JPEG": (lambda: photo("chelsea.png")[:1500], "corrupt_image"),
+    "text.JPEG": (lambda: b"this is not an image\n" * 10, "not_an_image"),
+    "empty.JPEG": (lambda: b"", "empty_file"),
+    "tiny.png": (lambda: synthetic(8, 8), "image_too_small"),
+    "strip.png": (lambda: synthetic(1, 20000), "extreme_aspect_ratio"),
+    "bomb.png": (bomb_png, "decompression_bomb"),
+}
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    lines, good = [], {}
+    for k, (file, label) in enumerate(PHOTOS.items()):
+        wnid = f"n{1440764 + k:08d}"
+        (root / "train" / wnid).mkdir(parents=True)
+        for j, side in enumerate((160, 224)):
+            path = root / "train" / wnid / f"{wnid}_{j}.JPEG"
+            path.write_bytes(photo(file, side))
+            good[str(path)] = label
+        lines.append(f"{wnid} {label.replace(' ', '_')}, {file.split('.')[0]}")
+    bad_dir = root / "train" / "n01440764"
+    for name, (make, _) in BAD_IMAGES.items():
+        (bad_dir / name).write_bytes(make())
+    (root / "train" / "n99999999").mkdir()
+    (root / "train" / "n99999999" / "x.JPEG").write_bytes(photo("coffee.png"))
+    (root / "synsets.txt").write_text("\n".join(lines) + "\n")
+    return root, good
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captions")
+    good = {}
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for k, (file, label) in enumerate(list(PHOTOS.items())[:5]):
+            caption = f"A photo of a {label}."
+            meta = ("json", json.dumps({"caption": caption}).encode()) if k == 2 else ("txt", caption.encode())
+            add_members(tar, [(f"{k:09d}.jpg", photo(file)), (f"{k:09d}.{meta[0]}", meta[1])])
+            good[caption] = file
+        add_members(tar, [("000000100.jpg", photo("moon.png")), ("000000100.txt", b"   ")])  # empty caption
+        add_members(tar, [("000000101.jpg", photo("moon.png")), ("000000101.txt", b"\xff\xfe caption")])
+        add_members(tar, [("../x.jpg", photo("moon.png")), ("../x.txt", b"escapes the archive")])
+        add_members(tar, [("/etc/y.jpg", photo("moon.png")), ("/etc/y.txt", b"absolute path")])
+        add_members(tar, [("000000102.jpg", b"not a jpeg at all"), ("000000102.txt", b"broken image")])
+    # A tar cut inside its fourth record: three good records survive.
+    full = io.BytesIO()
+    with tarfile.open(fileobj=full, mode="w") as tar:
+        for k in range(6):
+            add_members(tar, [(f"1{k:08d}.jpg", photo("rocket.jpg", 96 + 16 * k)),
+                              (f"1{k:08d}.txt", f"rocket {k}".encode())])
+    members = tarfile.open(fileobj=io.BytesIO(full.getvalue())).getmembers()
+    (root / "00001.tar").write_bytes(full.getvalue()[:members[6].offset_data + 100])
+    good.update({f"rocket {k}": "rocket.jpg" for k in range(3)})
+    # JSONL: a path relative to the file, base64 bytes, a broken line, a record without image.
+    (root / "images").mkdir()
+    (root / "images" / "horse.jpg").write_bytes(photo("horse.png"))
+    rows = [{"image": "images/horse.jpg", "caption": "A horse in JSONL."},
+            {"image_base64": base64.b64encode(photo("coins.png")).decode(), "caption": "Coins in base64."}]
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n"
+                                      + json.dumps({"caption": "no image"}) + "\n")
+    good.update({"A horse in JSONL.": "horse.png", "Coins in base64.": "coins.png"})
+    # Parquet with HF datasets' Image struct, in row groups of two.
+    pq_rows = [("camera.png", "A cameraman in Parquet."), ("coffee.png", "Coffee in Parquet."),
+               ("astronaut.png", "An astronaut in Parquet.")]
+    table = pa.table({"image": [{"bytes": photo(f), "path": None} for f, _ in pq_rows],
+                      "caption": [c for _, c in pq_rows]})
+    pq.write_table(table, root / "pairs.parquet", row_group_size=2)
+    good.update({c: f for f, c in pq_rows})
+    skipped = {"empty_text": 1, "non_utf8_text": 1, "unsafe_path": 2, "not_an_image": 1, "truncated_tar": 1,
+               "bad_json": 1, "missing_image": 1}
+    return root, good, skipped
+
+
+def cli(*args):
+    return main([str(a) for a in args])
+
+
+def documents_of(folder, seq=SEQ):
+    """(tokens, loss, patches) of every document in every complete shard, checking the invariants."""
+    docs = []
+    for prefix in list_shards(folder):
+        shard = open_shard(prefix, verify_checksum=True)
+        assert len(IndexedDataset(f"{prefix}.tokens")) == shard.manifest["counts"]["sequences"]
+        for i in range(len(shard)):
+            s = shard.sample(i)
+            assert len(s.tokens) <= seq
+            images, offset = iter(s.patches), 0
+            for n in s.document_lengths:
+                t, l = s.tokens[offset:offset + n], s.loss_mask[offset:offset + n]
+                assert l[0] == 0 and not l[t >= 32000].any()
+                patches = [next(images) for _ in range(int((t == 32000).sum()))]
+                assert sum(len(p) for p in patches) == int((t == 32001).sum())
+                docs.append((t, l, patches))
+                offset += n
+            assert next(images, None) is None
+    return docs
+
+
+def tree_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != ".lock"}
+
+
+# -- packing -----------------------------------------------------------------------------------
+
+def test_packing_fills_99_percent_on_a_realistic_mix():
+    rng = np.random.default_rng(0)
+    images = rng.integers(200, 1101, 6000)  # ImageNet-sized images with their class names
+    texts = np.clip(rng.lognormal(7, 1.2, 1500).astype(int), 20, 60000)
+    lengths = [int(n) for n in np.concatenate([images, texts])]
+    lengths = [min(n, 32768) for n in rng.permutation(lengths)]
+    bins = pack(lengths, 32768)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 32768 for b in bins)
+    assert fill_ratio(bins, lengths, 32768) >= 0.99
+    assert pack(lengths, 32768) == bins  # deterministic
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 100), max_size=300), st.integers(1, 8))
+def test_packing_invariants(lengths, window):
+    bins = pack(lengths, 100, window)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(b == sorted(b) and 0 < sum(lengths[i] for i in b) <= 100 for b in bins)
+
+
+# -- document layouts --------------------------------------------------------------------------
+
+def image_ids(tok, path_or_bytes):
+    enc = encode_image(path_or_bytes, PATCH, SIDE)
+    return image_token_ids(enc.rows, enc.cols, tok), enc.patches
+
+
+def test_imagenet_caption_and_html_layouts(tok, layout, tmp_path):
+    path = tmp_path / "cat.jpg"
+    path.write_bytes(photo("chelsea.png"))
+    img, patches = image_ids(tok, str(path))
+    for kind, text in (("imagenet", "tabby cat"), ("captions", "A cat looking left."),
+                       ("html", "<html><b>cat</b></html>")):
+        [doc] = build(kind, Record("k", image=str(path), text=text), layout)
+        expected = [tok.bos_id] + img + tok.encode(text) + [tok.eos_id]
+        assert doc.tokens.tolist() == expected and doc.tokens.dtype == np.int32
+        assert doc.loss.tolist() == [0] * (1 + len(img)) + [1] * (len(expected) - 1 - len(img))
+        assert tok.decode(doc.tokens[doc.loss == 1]) == text
+        np.testing.assert_array_equal(doc.patches[0], patches)
+        assert not doc.truncated
+    # HTML too long for the sequence: cut to fill it exactly, without </s>.
+    html = "<div>" + "lorem ipsum dolor sit amet " * 600 + "</div>"
+    [doc] = build("html", Record("k", image=str(path), text=html), layout)
+    assert doc.truncated and len(doc.tokens) == SEQ and doc.tokens[-1] != tok.eos_id
+    assert doc.tokens[1 + len(img):].tolist() == tok.encode(html)[:SEQ - 1 - len(img)]
+    with pytest.raises(Skip, match="document_too_long"):
+        build("captions", Record("k", image=str(path), text=html), layout)
+
+
+def test_text_layout_and_pieces(tok, layout):
+    [doc] = build("text", Record("k", text="Hello world."), layout)
+    assert doc.tokens.tolist() == [tok.bos_id] + tok.encode("Hello world.") + [tok.eos_id]
+    assert doc.loss.tolist() == [0] + [1] * (len(doc.tokens) - 1)
+    text = " ".join(f"word{i}" for i in range(3000))
+    pieces = build("text", Record("k", text=text), layout)
+    whole = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
+    assert len(pieces) > 1 and all(len(p.tokens) == SEQ for p in pieces[:-1])
+    assert np.concatenate([p.tokens for p in pieces]).tolist() == whole
+    for p in pieces:  # the first token of every piece has nothing before it to be predicted from
+        assert p.loss[0] == 0 and p.loss[1:].all()
+    with pytest.raises(Skip, match="empty_text"):
+        build("text", Record("k", text=" \n "), layout)
+    with pytest.raises(Skip, match="missing_text"):
+        build("text", Record("k", text=None), layout)
+
+
+def test_sft_layout(tok, layout, tmp_path):
+    path = tmp_path / "cat.jpg"
+    path.write_bytes(photo("chelsea.png"))
+    img, _ = image_ids(tok, str(path))
+    turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
+             {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Brown and grey."}]
+    [doc] = build("sft", Record("k", image=str(path), conversations=turns), layout)
+    nl, s, e = tok.encode("\n"), tok.im_start_id, tok.im_end_id
+    expected = ([tok.bos_id, s] + tok.encode("user\n") + img + tok.encode("\nWhat is this?") + [e] + nl
+                + [s] + tok.encode("assistant\n") + tok.encode("A cat.", prefix_space=False) + [e] + nl
+                + [s] + tok.encode("user\nColor?") + [e] + nl
+                + [s] + tok.encode("assistant\n") + tok.encode("Brown and grey.", prefix_space=False) + [e] + nl
+                + [tok.eos_id])
+    assert doc.tokens.tolist() == expected
+    text = tok.decode(doc.tokens)
+    assert text.startswith("<|im_start|>user\n<vision><vpatch>")
+    assert text.endswith("</vision>\nWhat is this?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n"
+                         "<|im_start|>user\nColor?<|im_end|>\n<|im_start|>assistant\nBrown and grey.<|im_end|>\n")
+    # Loss: the answers and the final </s>, nothing else.
+    answers = tok.encode("A cat.", prefix_space=False) + tok.encode("Brown and grey.", prefix_space=False)
+    assert doc.loss.sum() == len(answers) + 1
+    assert tok.decode(doc.tokens[doc.loss == 1]) == "A cat.Brown and grey."
+    assert doc.loss[-1] == 1 and doc.tokens[-1] == tok.eos_id
+    # Encoding an answer apart from its "assistant\n" header gives the ids of the whole turn.
+    assert tok.encode("assistant\nA cat.") == tok.encode("assistant\n") + tok.encode("A cat.", prefix_space=False)
+    # Text-only conversations; malformed ones are skipped.
+    [plain] = build("sft", Record("k", conversations=turns[2:]), layout)
+    assert 32000 not in plain.tokens and plain.patches == []
+    for bad_turns, image in ((turns, None), ([turns[0], turns[0], turns[1]], str(path)),
+                             ([{"from": "robot", "value": "x"}], None), (turns[:1], str(path))):
+        with pytest.raises(Skip, match="bad_conversation"):
+            build("sft", Record("k", image=image, conversations=bad_turns), layout)
+
+
+def test_image_skip_rules(tok, layout, tmp_path):
+    for name, (make, reason) in BAD_IMAGES.items():
+        with pytest.raises(Skip) as e:
+            build("imagenet", Record(name, image=make(), text="x"), layout)
+        assert e.value.reason == reason, name
+    small = Layout(tok, 40, PATCH, SIDE)  # a 256x192 image needs 8*6+6+1 tokens
+    with pytest.raises(Skip, match="image_too_long"):
+        build("captions", Record("k", image=synthetic(256, 192), text="x"), small)
+
+
+def test_synset_files(tmp_path):
+    (tmp_path / "loc.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish\n\n")
+    assert load_synsets(str(tmp_path / "loc.txt"), None) == {"n01440764": "tench", "n01443537": "goldfish"}
+    (tmp_path / "wnids.txt").write_text("n00004475\nn00005787\n")
+    (tmp_path / "lemmas.txt").write_text("organism, being\nbenthos\n")
+    assert load_synsets(str(tmp_path / "wnids.txt"), str(tmp_path / "lemmas.txt")) == {
+        "n00004475": "organism", "n00005787": "benthos"}
+    (tmp_path / "bad.txt").write_text("n01440764 tench\nn01443537\n")
+    with pytest.raises(ValueError, match="bad.txt:2"):
+        load_synsets(str(tmp_path / "bad.txt"), None)
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+def test_imagenet_end_to_end(imagenet, tok, tmp_path):
+    root, good = imagenet
+    out = tmp_path / "out"
+    assert cli("imagenet", "--input", root / "train", "--synsets", root / "synsets.txt", "--output", out,
+               "--shard-size", 7, *OPTS) == 0
+    manifest = read_folder_manifest(out)
+    expected_skips = {reason: 1 for _, reason in BAD_IMAGES.values()} | {"unknown_synset": 1}
+    assert manifest["skipped"] == dict(sorted(expected_skips.items()))
+    assert manifest["complete"] and manifest["shards_planned"] == len(list_shards(out)) == 4
+    totals = manifest["totals"]
+    assert totals["records"] == len(good) + len(BAD_IMAGES) + 1 and totals["documents"] == len(good)
+    docs = documents_of(out)
+    assert len(docs) == len(good)
+    # Every good image appears once, with its class name as the only loss tokens.
+    expected = {}
+    for path, label in good.items():
+        enc = encode_image(path, PATCH, SIDE)
+        expected[hashlib.sha256(enc.patches.tobytes()).hexdigest()] = label
+    seen = {}
+    for tokens, loss, patches in docs:
+        seen[hashlib.sha256(patches[0].tobytes()).hexdigest()] = tok.decode(tokens[loss == 1])
+    assert seen == expected
+    shard = json.loads((out / "shard-00000.json").read_text())
+    assert shard["source"]["kind"] == "imagenet" and shard["seed"] == 0 and shard["max_side"] == SIDE
+    assert set(shard["files"]) == {f"shard-00000.{p}.{e}" for p in ("tokens", "loss", "pixels") for e in ("bin", "idx")}
+
+
+def test_captions_from_tar_jsonl_and_parquet(captions, tok, tmp_path):
+    root, good, skipped = captions
+    out = tmp_path / "out"
+    assert cli("captions", "--input", f"{root}/*.tar", root / "pairs.jsonl", f"{root}/*.parquet",
+               "--output", out, "--shard-size", 6, *OPTS) == 0
+    manifest = read_folder_manifest(out)
+    assert manifest["skipped"] == dict(sorted(skipped.items()))
+    docs = documents_of(out)
+    got = {tok.decode(t[l == 1]): p[0] for t, l, p in docs}
+    assert set(got) == set(good)
+    for caption, file in good.items():
+        assert got[caption].shape[1] == 3 * PATCH * PATCH
+    # The image travels intact: compare one with the vision pipeline.
+    np.testing.assert_array_equal(got["A horse in JSONL."], encode_image(photo("horse.png"), PATCH, SIDE).patches)
+
+
+def test_html_pairs_with_truncation(tok, tmp_path):
+    long_html = "<html><body>" + "<p>Some paragraph text here.</p>" * 400 + "</body></html>"
+    with tarfile.open(tmp_path / "web.tar", "w") as tar:
+        add_members(tar, [("a.png", photo("page.png", 200, "PNG")), ("a.html", b"<h1>Title</h1>"),
+                          ("b.png", photo("text.png", 200, "PNG")), ("b.html", long_html.encode())])
+    pq.write_table(pa.table({"image": [{"bytes": photo("logo.png", 200, "PNG"), "path": None}],
+                             "text": ["<div>logo</div>"]}), tmp_path / "websight.parquet")
+    out = tmp_path / "out"
+    assert cli("html", "--input", tmp_path / "web.tar", tmp_path / "websight.parquet", "--output", out, *OPTS) == 0
+    manifest = read_folder_manifest(out)
+    assert manifest["totals"]["truncated"] == 1 and manifest["totals"]["documents"] == 3
+    texts = sorted(tok.decode(t[l == 1]) for t, l, _ in documents_of(out))
+    assert texts[:2] == ["<div>logo</div>", "<h1>Title</h1>"]
+    assert long_html.startswith(texts[2]) and len(texts[2]) < len(long_html)
+
+
+def test_text_from_zst_with_a_truncated_file(tok, tmp_path):
+    texts = [f"Document number {i}. " + "Some words to make it longer. " * (i % 7 + 1) for i in range(300)]
+    texts[5] = "long " * 5000  # longer than the sequence: cut into pieces
+    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    # Several zstd blocks (128 KiB each) of hard-to-compress lines, cut in the middle.
+    lines = "".join(json.dumps({"text": hashlib.sha256(str(i).encode()).hexdigest() * 4}) + "\n" for i in range(3000))
+    damaged = zstandard.ZstdCompressor(level=3).compress(lines.encode())
+    cut = damaged[:len(damaged) // 2]
+    (tmp_path / "b.jsonl.zst").write_bytes(cut)
+    kept = zstandard.ZstdDecompressor().decompressobj().decompress(cut).count(b"\n")
+    assert 0 < kept < 3000
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "Plain JSONL."}) + "\n" + json.dumps({"text": ""}) + "\n")
+    out = tmp_path / "out"
+    assert cli("text", "--input", f"{tmp_path}/*.jsonl*", "--output", out, "--shard-size", 1000, *OPTS) == 0
+    manifest = read_folder_manifest(out)
+    assert manifest["skipped"] == {"empty_text": 1, "truncated_zst": 1}
+    assert manifest["totals"]["documents"] == 300 + kept + 1
+    assert manifest["totals"]["fill"] > 0.9  # equal-length documents leave a gap per sample
+    docs = documents_of(out)
+    assert sum(1 for t, _, _ in docs if t[0] == tok.bos_id) == 300 + kept + 1
+    pieces = [t for t, _, _ in docs if len(t) == SEQ or (t[0] != tok.bos_id)]
+    assert len(pieces) >= 2  # the long document, cut
+
+
+def test_sft_end_to_end(tok, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "cat.jpg").write_bytes(photo("chelsea.png"))
+    records = [
+        {"id": "a", "image": "cat.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat animal?"}, {"from": "gpt", "value": "A cat."}]},
+        {"id": "b", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+        {"id": "c", "image": "missing.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Nothing."}]},
+        {"id": "d", "conversations": [{"from": "human", "value": "<image>\nNo image here"},
+                                      {"from": "gpt", "value": "?"}]},
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
+    assert cli("sft", "--input", tmp_path / "llava.json", "--images", images, "--output", out, *OPTS) == 0
+    manifest = read_folder_manifest(out)
+    assert manifest["skipped"] == {"bad_conversation": 1, "unreadable_file": 1}
+    answers = sorted(tok.decode(t[l == 1]) for t, l, _ in documents_of(out))
+    assert answers == ["A cat.", "Hello!"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["imagenet", "--input", "{tmp}/nope", "--synsets", "{tmp}/syn.txt"], "--input {tmp}/nope: no such folder"),
+    (["imagenet", "--input", "{tmp}", "--synsets", "{tmp}/nope.txt"], "--synsets {tmp}/nope.txt: no such file"),
+    (["imagenet", "--input", "{tmp}", "--synsets", "{tmp}/syn.txt"], "--input {tmp}: no images"),
+    (["captions", "--input", "{tmp}/*.tar"], "--input {tmp}/*.tar: no files match"),
+    (["text", "--input", "{tmp}/syn.txt"], "--input {tmp}/syn.txt: unsupported file type"),
+    (["sft", "--input", "{tmp}/syn.txt", "--images", "{tmp}"], "{tmp}/syn.txt: not a readable JSON"),
+    (["sft", "--input", "{tmp}/syn.txt", "--images", "{tmp}/nope"], "--images {tmp}/nope: no such folder"),
+    (["text", "--input", "{tmp}/a.jsonl", "--output", "{tmp}/syn.txt"],
+     "--output {tmp}/syn.txt exists and is not a folder"),
+    (["text", "--input", "{tmp}/a.jsonl", "--max-side", "100"], "--max-side 100 is not a multiple of --patch-size 32"),
+    (["stats", "{tmp}"], "{tmp}: no complete shards"),
+])
+def test_wrong_arguments_exit_2_naming_the_path(tmp_path, capsys, args, message):
+    (tmp_path / "syn.txt").write_text("n01440764 tench\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    argv = [a.format(tmp=tmp_path) for a in args]
+    if argv[0] != "stats" and "--output" not in argv:
+        argv += ["--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_workers_do_not_change_bytes_and_rerun_rewrites_nothing(imagenet, tmp_path, capsys):
+    root, _ = imagenet
+    args = ["imagenet", "--input", root / "train", "--synsets", root / "synsets.txt", "--shard-size", 5, *OPTS[:-2]]
+    assert cli(*args, "--output", tmp_path / "one", "--workers", 1) == 0
+    assert cli(*args, "--output", tmp_path / "two", "--workers", 2) == 0
+    one, two = tree_bytes(tmp_path / "one"), tree_bytes(tmp_path / "two")
+    assert len(one) == 1 + 7 * 5 and one == two
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("shard-*")}
+    assert cli(*args, "--output", tmp_path / "one", "--workers", 2) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("shard-*")} == mtimes
+    # Other options into the same folder: refused before any work.
+    assert cli(*args, "--output", tmp_path / "one", "--seed", 1) == 2
+    assert "holds shards made from other inputs or options" in capsys.readouterr().err
+    assert cli("stats", tmp_path / "one") == 0
+    stats = capsys.readouterr().out
+    assert "shard-00004" in stats and "total" in stats and "decompression_bomb 1" in stats
+
+
+def test_kill_and_resume(imagenet, tmp_path):
+    root, _ = imagenet
+    args = ["imagenet", "--input", root / "train", "--synsets", root / "synsets.txt", "--shard-size", 1, *OPTS[:-2]]
+    out = tmp_path / "out"
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "solo_preprocess.cli", *map(str, args),
+                                 "--output", str(out), "--workers", "2"], stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
+        while not list(out.glob("shard-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    complete = list_shards(out, include_empty=True)
+    assert 1 <= len(complete) < 25, (tmp_path / "log.txt").read_text()[-2000:]
+    for prefix in complete:  # whatever is visible is whole
+        open_shard(prefix, verify_checksum=True)
+    mtimes = {p.name: p.stat().st_mtime_ns for prefix in complete for p in out.glob(os.path.basename(prefix) + ".*")}
+    assert cli(*args, "--output", out, "--workers", 2) == 0
+    assert {name: (out / name).stat().st_mtime_ns for name in mtimes} == mtimes
+    assert not list(out.glob(".tmp-*"))
+    assert cli(*args, "--output", tmp_path / "clean", "--workers", 1) == 0
+    assert tree_bytes(out) == tree_bytes(tmp_path / "clean")
+
+
+def test_count_and_read_agree_on_damaged_files(captions):
+    root, _, _ = captions
+    for name in ("00000.tar", "00001.tar", "pairs.jsonl", "pairs.parquet"):
+        path = str(root / name)
+        n = formats.count_records("captions", path)
+        assert n == len(list(formats.read_records("captions", path, 0, None)))
+        assert [r.key for r in formats.read_records("captions", path, 1, 3)] == \
+               [r.key for r in formats.read_records("captions", path, 0, None)][1:3]

@@ -1,0 +1,207 @@
+"""Records -> token documents with loss masks (DESIGN.md "Tokens and images", "Loss").
+
+The Mistral sentencepiece model (through `solo.tokenizer`) encodes text; PIL and numpy (through
+`solo.vision`) turn images into patches. Layouts, with L = loss on those tokens:
+
+    imagenet  <s> IMAGE name</s>                       L: name, </s>
+    captions  <s> IMAGE caption</s>                    L: caption, </s>
+    html      <s> IMAGE html</s>                       L: html, </s>   (too long: html cut, no </s>)
+    text      <s> text</s>                             L: all but <s>  (cut into seq_length pieces)
+    sft       <s> per turn: <|im_start|>user\\n ...IMAGE... <|im_end|>\\n
+                            <|im_start|>assistant\\n answer <|im_end|>\\n </s>
+                                                       L: answers, the final </s>
+
+IMAGE is `<vision>` rows of `<vpatch>` separated by `<vrow_sep>` `</vision>`. No loss ever falls on
+an id >= 32000 nor on the first token of a sequence. Every text run that follows a special id is
+encoded with sentencepiece's dummy prefix, as HF's Mistral tokenizer does for the whole string
+(see `solo.tokenizer`); an SFT answer is encoded on its own without the prefix, because it
+continues "assistant\\n" (a newline is a byte-fallback piece, so no merge crosses that boundary
+and the ids equal those of the whole turn). The "\\n" after `<|im_end|>` carries no loss: it is
+template, fully determined by the `<|im_end|>` before it.
+
+Skip rules (a `Skip` names the reason; the shard counts it):
+* image errors from `solo.vision.load_image` (corrupt, not an image, empty file, decompression
+  bomb, unreadable file);
+* `extreme_aspect_ratio`: long side > MAX_ASPECT_RATIO x short side (a 1x20000 strip would be
+  stretched from 1 pixel to a patch);
+* `image_too_small`: a side shorter than one patch (8x8 would be upsampled 4x into one patch);
+* `image_too_long`: `<s>` + the image + `</s>` alone exceed seq_length (images are never split);
+* `document_too_long`: an imagenet / caption / sft document longer than seq_length;
+* `missing_text` / `empty_text`: no text, or only whitespace; `bad_conversation`: malformed SFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from solo.tokenizer import SOLOTokenizer
+from solo.vision import ImageLoadError, image_token_ids, load_image, patchify, resize_for_patches, target_size
+from solo_preprocess.formats import Record
+from solo_preprocess.sources import ROLES
+
+MAX_ASPECT_RATIO = 20  # panoramas and banners up to 20:1 pass; thinner strips are not pictures
+IMAGE_MARKER = "<image>"
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Document:
+    tokens: np.ndarray  # int32 [n]
+    loss: np.ndarray  # uint8 [n]
+    patches: list[np.ndarray]  # uint8 (n_patches, 3P²) per image, in order
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    tokenizer: SOLOTokenizer
+    seq_length: int
+    patch_size: int
+    max_side: int
+
+
+def build(kind: str, record: Record, layout: Layout) -> list[Document]:
+    """The documents of one record (several only for a text cut into pieces); raises Skip."""
+    if record.error:
+        raise Skip(*record.error)
+    if kind == "text":
+        return _text(record, layout)
+    if kind == "sft":
+        return [_sft(record, layout)]
+    return [_vision_text(kind, record, layout)]
+
+
+def _require_text(record: Record, strip: bool) -> str:
+    if not isinstance(record.text, str):
+        raise Skip("missing_text", f"no text (got {type(record.text).__name__})")
+    text = record.text.strip() if strip else record.text
+    if not text.strip():
+        raise Skip("empty_text", "text is empty or only whitespace")
+    return text
+
+
+class _Tokens:
+    """Token ids and loss flags built segment by segment."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.loss: list[int] = []
+
+    def add(self, ids: list[int], loss: bool = False) -> None:
+        self.ids.extend(ids)
+        self.loss.extend([int(loss)] * len(ids))
+
+    def document(self, patches: list[np.ndarray], truncated: bool = False) -> Document:
+        return Document(np.array(self.ids, dtype=np.int32), np.array(self.loss, dtype=np.uint8), patches, truncated)
+
+
+def _image(source, key: str, layout: Layout) -> tuple[list[int], np.ndarray]:
+    """(image token ids, patches); the size rules are checked before resizing."""
+    try:
+        image = load_image(source, name=key)
+    except ImageLoadError as e:
+        raise Skip(e.reason, e.detail) from None
+    w, h = image.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise Skip("extreme_aspect_ratio", f"{w}x{h} is more than {MAX_ASPECT_RATIO}:1")
+    P = layout.patch_size
+    if min(w, h) < P:
+        raise Skip("image_too_small", f"{w}x{h} has a side shorter than one {P}-pixel patch")
+    tw, th = target_size(w, h, P, layout.max_side)
+    rows, cols = th // P, tw // P
+    if rows * cols + rows + 1 + 2 > layout.seq_length:
+        raise Skip("image_too_long", f"{w}x{h} -> {rows}x{cols} patches: <s> + image + </s> "
+                                     f"exceed seq_length {layout.seq_length}")
+    patches = patchify(resize_for_patches(image, P, layout.max_side), P)
+    return image_token_ids(rows, cols, layout.tokenizer), patches
+
+
+def _check_length(doc: Document, layout: Layout) -> Document:
+    if len(doc.tokens) > layout.seq_length:
+        raise Skip("document_too_long", f"{len(doc.tokens)} tokens > seq_length {layout.seq_length}")
+    return doc
+
+
+def _vision_text(kind: str, record: Record, layout: Layout) -> Document:
+    tok = layout.tokenizer
+    text = _require_text(record, strip=kind != "html")
+    if record.image is None:
+        raise Skip("missing_image", "record has no image")
+    image_ids, patches = _image(record.image, record.key, layout)
+    text_ids = tok.encode(text)
+    t = _Tokens()
+    t.add([tok.bos_id])
+    t.add(image_ids)
+    room = layout.seq_length - len(t.ids) - 1
+    if kind == "html" and len(text_ids) > room:
+        # Cut so the document fills the sequence; it did not end, so no </s>.
+        t.add(text_ids[:room + 1], loss=True)
+        return t.document([patches], truncated=True)
+    t.add(text_ids, loss=True)
+    t.add([tok.eos_id], loss=True)
+    return _check_length(t.document([patches]), layout)
+
+
+def _text(record: Record, layout: Layout) -> list[Document]:
+    tok = layout.tokenizer
+    ids = tok.encode(_require_text(record, strip=False))
+    tokens = np.empty(len(ids) + 2, dtype=np.int32)
+    tokens[0], tokens[1:-1], tokens[-1] = tok.bos_id, ids, tok.eos_id
+    loss = np.ones(len(tokens), dtype=np.uint8)
+    pieces = []
+    for start in range(0, len(tokens), layout.seq_length):
+        piece_loss = loss[start:start + layout.seq_length].copy()
+        piece_loss[0] = 0  # <s>, or the first token of a piece: nothing before it to predict from
+        pieces.append(Document(tokens[start:start + layout.seq_length], piece_loss, []))
+    return pieces
+
+
+def _sft(record: Record, layout: Layout) -> Document:
+    tok = layout.tokenizer
+    turns = record.conversations or []
+    if not all(isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) for t in turns):
+        raise Skip("bad_conversation", f"turns must be {{'from': one of {sorted(ROLES)}, 'value': str}}")
+    values = [t["value"] for t in turns]
+    users = [i for i, t in enumerate(turns) if ROLES[t["from"]] == "user"]
+    markers = sum(values[i].count(IMAGE_MARKER) for i in users)
+    if record.image is not None:
+        if markers > 1:
+            raise Skip("bad_conversation", f"{markers} {IMAGE_MARKER} markers for one image")
+        if markers == 0:
+            if not users:
+                raise Skip("bad_conversation", "an image but no user turn to put it in")
+            values[users[0]] = f"{IMAGE_MARKER}\n{values[users[0]]}"  # LLaVA's default placement
+    elif markers:
+        raise Skip("bad_conversation", f"{IMAGE_MARKER} marker but the record has no image")
+    if not any(ROLES[t["from"]] == "assistant" and v for t, v in zip(turns, values)):
+        raise Skip("bad_conversation", "no assistant answer to learn")
+    patches = []
+    t = _Tokens()
+    t.add([tok.bos_id])
+    newline = tok.encode("\n")
+    for turn, value in zip(turns, values):
+        role = ROLES[turn["from"]]
+        t.add([tok.im_start_id])
+        if role == "assistant":
+            t.add(tok.encode("assistant\n"))
+            t.add(tok.encode(value, prefix_space=False), loss=True)
+        else:
+            before, marker, after = value.partition(IMAGE_MARKER) if role == "user" else (value, "", "")
+            t.add(tok.encode(f"{role}\n{before}"))
+            if marker:
+                image_ids, image_patches = _image(record.image, record.key, layout)
+                t.add(image_ids)
+                patches.append(image_patches)
+                if after:
+                    t.add(tok.encode(after))
+        t.add([tok.im_end_id])
+        t.add(newline)
+    t.add([tok.eos_id], loss=True)
+    return _check_length(t.document(patches), layout)

@@ -1,0 +1,292 @@
+"""Streamed input files -> records: webdataset tars (tarfile), JSONL and `.jsonl.zst` (zstandard),
+Parquet (pyarrow).
+
+Each reader yields one `Record` per input record, in file order, including the records that are
+unusable as read (they carry `error = (reason, detail)` and are counted as skipped). A damaged file
+(truncated or corrupt tar / `.zst`) yields the good records before the damage and then one record
+carrying the damage. `count_records` runs the same iteration without reading payloads, so a
+record's index in a file is the same in the planning pass and in the shard that reads it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# Field names tried in order for each kind's text (img2dataset writes `txt`/`caption`, Websight
+# calls its HTML `text`, SlimPajama `text`).
+TEXT_FIELDS = {"captions": ("caption", "txt", "text"), "html": ("html", "text"), "text": ("text",)}
+# Parquet image columns: HF datasets' Image feature (`image`: {bytes, path}), img2dataset (`jpg`).
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
+STREAM_SUFFIXES = (".tar", ".jsonl", ".jsonl.zst", ".parquet")
+
+
+class InputError(ValueError):
+    """An input file that cannot be used at all (wrong format or schema); the message names it."""
+
+
+@dataclass
+class Record:
+    key: str  # "file:record" for logs
+    image: bytes | str | None = None  # encoded bytes or a file path
+    text: str | None = None
+    conversations: list | None = None
+    error: tuple[str, str] | None = None  # (reason, detail) when unusable as read
+
+
+def stream_format(path: str) -> str | None:
+    return next((s for s in STREAM_SUFFIXES if path.endswith(s)), None)
+
+
+def count_records(kind: str, path: str) -> int:
+    fmt = stream_format(path)
+    if fmt == ".parquet":
+        return _parquet_count(kind, path)
+    return sum(1 for _ in _stream(kind, path, first=None))
+
+
+def read_records(kind: str, path: str, start: int, stop: int | None) -> Iterator[Record]:
+    """Records start..stop-1 of `path` (stop None: to the end)."""
+    if stream_format(path) == ".parquet":
+        yield from _parquet_records(kind, path, start, stop)
+        return
+    records = _stream(kind, path, first=start)
+    for i, record in enumerate(records):
+        if stop is not None and i >= stop:
+            break
+        if i >= start:
+            yield record
+
+
+def _stream(kind: str, path: str, first: int | None) -> Iterator[Record]:
+    """Every record of a tar or JSONL file; payloads are read from record `first` on (None: never)."""
+    reader = _tar_records if stream_format(path) == ".tar" else _jsonl_records
+    return reader(kind, path, float("inf") if first is None else first)
+
+
+# -- webdataset tar ----------------------------------------------------------------------------
+
+def _split_key(name: str) -> tuple[str, str]:
+    # webdataset: the key is the path up to the first dot of the file name.
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
+
+
+def _unsafe(name: str) -> bool:
+    return name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/")
+
+
+def _tar_records(kind: str, path: str, first: float) -> Iterator[Record]:
+    label = os.path.basename(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.ReadError as e:
+            yield Record(f"{label}:@0", error=("corrupt_tar", f"not a readable tar ({e})"))
+            return
+        key, members, damage, index = None, {}, None, 0
+        try:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = _split_key(m.name)
+                if k != key:  # a new key: the previous group is complete
+                    if key is not None:
+                        yield _tar_record(kind, label, key, members) if index >= first else Record(key)
+                        index += 1
+                    key, members = k, {}
+                if m.offset_data + m.size > size:
+                    raise tarfile.ReadError(f"member {m.name!r} needs {m.offset_data + m.size} bytes, file has {size}")
+                if index >= first and not _unsafe(m.name):  # never even read what an unsafe path names
+                    f.seek(m.offset_data)
+                    members[ext] = f.read(m.size)
+            # tarfile ends quietly on a short or garbage header; a complete archive ends in zero blocks.
+            f.seek(tar.offset)
+            end = f.read(tarfile.BLOCKSIZE)
+            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                damage = ("truncated_tar", f"no end-of-archive marker at byte {tar.offset} of {size} "
+                          "(truncated or corrupt header)")
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            damage = ("truncated_tar", str(e))
+        if damage:
+            # The group being read when the damage came may be incomplete: it goes with the damage.
+            yield Record(f"{label}:{key if key is not None else '@' + str(tar.offset)}", error=damage)
+        elif key is not None:
+            yield _tar_record(kind, label, key, members) if index >= first else Record(key)
+
+
+def _tar_record(kind: str, label: str, key: str, members: dict[str, bytes]) -> Record:
+    name = f"{label}:{key}"
+    if _unsafe(key):
+        return Record(name, error=("unsafe_path", f"member path {key!r} is absolute or leaves the archive"))
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if image_ext is None:
+        return Record(name, error=("missing_image", f"no image member ({', '.join(sorted(members)) or 'none'})"))
+    if kind == "captions" and "txt" not in members and "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except ValueError as e:
+            return Record(name, error=("bad_json", f"{key}.json: {e}"))
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        return Record(name, image=members[image_ext], text=caption)
+    text_ext = {"captions": "txt", "html": "html"}[kind]
+    if text_ext not in members:
+        return Record(name, error=("missing_text", f"no .{text_ext} member"))
+    try:
+        text = members[text_ext].decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Record(name, error=("non_utf8_text", f"{key}.{text_ext}: {e}"))
+    return Record(name, image=members[image_ext], text=text)
+
+
+# -- JSONL / .jsonl.zst ------------------------------------------------------------------------
+
+class _Damaged(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _zst_chunks(f) -> Iterator[bytes]:
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    obj, in_frame, consumed = dctx.decompressobj(), False, 0
+    while data := f.read(1 << 20):
+        consumed += len(data)
+        while data:
+            in_frame = True
+            try:
+                out = obj.decompress(data)
+            except zstandard.ZstdError as e:
+                raise _Damaged("corrupt_zst", f"{e} (within the first {consumed} bytes)") from e
+            if out:
+                yield out
+            if obj.eof:  # a file may hold several frames back to back
+                data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+            else:
+                data = b""
+    if in_frame:
+        # zstandard's stream reader ends silently on a cut frame: the frame's end is checked here.
+        raise _Damaged("truncated_zst", f"the last zstd frame is cut off at byte {consumed}")
+
+
+def _lines(path: str) -> Iterator[bytes | _Damaged]:
+    """Non-blank lines; a damaged `.zst` ends with the damage (the cut line is dropped)."""
+    with open(path, "rb") as f:
+        chunks = _zst_chunks(f) if path.endswith(".zst") else iter(lambda: f.read(1 << 20), b"")
+        carry = b""
+        try:
+            for chunk in chunks:
+                lines = (carry + chunk).split(b"\n")
+                carry = lines.pop()
+                yield from (line for line in lines if line.strip())
+        except _Damaged as d:
+            yield d
+            return
+        if carry.strip():
+            yield carry
+
+
+def _jsonl_records(kind: str, path: str, first: float) -> Iterator[Record]:
+    label, folder = os.path.basename(path), Path(path).parent
+    for n, line in enumerate(_lines(path), 1):
+        if isinstance(line, _Damaged):
+            yield Record(f"{label}:@end", error=(line.reason, str(line)))
+        elif n - 1 < first:
+            yield Record(f"{label}:{n}")
+        else:
+            yield _json_record(kind, f"{label}:{n}", line, folder)
+
+
+def _json_record(kind: str, name: str, line: bytes, folder: Path) -> Record:
+    try:
+        obj = json.loads(line)
+    except ValueError as e:  # also a UnicodeDecodeError
+        return Record(name, error=("bad_json", f"line is not JSON ({e})"))
+    if not isinstance(obj, dict):
+        return Record(name, error=("bad_json", f"line is a JSON {type(obj).__name__}, expected an object"))
+    text = next((obj[f] for f in TEXT_FIELDS[kind] if f in obj), None)
+    if kind == "text":
+        return Record(name, text=text)
+    if isinstance(obj.get("image"), str):
+        return Record(name, image=str(folder / obj["image"]), text=text)
+    if isinstance(obj.get("image_base64"), str):
+        try:
+            return Record(name, image=base64.b64decode(obj["image_base64"], validate=True), text=text)
+        except binascii.Error as e:
+            return Record(name, error=("bad_json", f"image_base64 is not base64 ({e})"))
+    return Record(name, error=("missing_image", "no 'image' (path) or 'image_base64' field"))
+
+
+# -- Parquet -----------------------------------------------------------------------------------
+
+def _parquet_columns(kind: str, path: str, names: list[str]) -> tuple[str | None, str]:
+    text = next((c for c in TEXT_FIELDS[kind] if c in names), None)
+    image = next((c for c in IMAGE_COLUMNS if c in names), None)
+    if text is None or (kind != "text" and image is None):
+        want = f"a text column ({'/'.join(TEXT_FIELDS[kind])})"
+        if kind != "text":
+            want += f" and an image column ({'/'.join(IMAGE_COLUMNS)})"
+        raise InputError(f"{path}: Parquet columns {names} lack {want}")
+    return image, text
+
+
+def _parquet_count(kind: str, path: str) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception:  # noqa: BLE001 - read as one damaged record, reported by the shard reading it
+        return 1
+    _parquet_columns(kind, path, pf.schema_arrow.names)
+    return pf.metadata.num_rows
+
+
+def _parquet_records(kind: str, path: str, start: int, stop: int | None) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    label = os.path.basename(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged files
+        if start == 0:
+            yield Record(f"{label}:@0", error=("corrupt_parquet", f"cannot open ({e})"))
+        return
+    image_col, text_col = _parquet_columns(kind, path, pf.schema_arrow.names)
+    columns = [c for c in (image_col, text_col) if c]
+    stop = pf.metadata.num_rows if stop is None else stop
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(g).num_rows
+        lo, hi = max(start, first), min(stop, first + rows)
+        if lo < hi:
+            try:
+                table = pf.read_row_group(g, columns=columns).slice(lo - first, hi - lo).to_pydict()
+            except Exception as e:  # noqa: BLE001
+                for i in range(lo, hi):
+                    yield Record(f"{label}:{i}", error=("corrupt_parquet", f"row group {g} unreadable ({e})"))
+            else:
+                for j in range(hi - lo):
+                    image = _parquet_image(table[image_col][j], Path(path).parent) if image_col else None
+                    yield Record(f"{label}:{lo + j}", image=image, text=table[text_col][j])
+        first += rows
+        if first >= stop:
+            break
+
+
+def _parquet_image(value, folder: Path) -> bytes | str | None:
+    if isinstance(value, dict):  # HF datasets' Image feature
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        return str(folder / value)
+    return value

@@ -1,0 +1,91 @@
+"""The output folder: its lock, the run's fingerprint, which shards are complete, manifest.json.
+
+A shard is complete when its manifest exists (solo.data.shards renames it last). Every shard
+manifest carries the sha256 of the run's spec (inputs, options, tokenizer, tool version), so a
+rerun with other inputs or options into the same folder is refused instead of mixing shards.
+fcntl's flock keeps two runs apart; it is released by the kernel when a run dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from solo.data.shards import FORMAT_VERSION, fsync_dir, write_json_atomic
+from solo_preprocess import __version__
+
+
+class UsageError(ValueError):
+    """Wrong arguments or inputs, found before any work: exit status 2."""
+
+
+def lock(out: Path, wait_s: float = 10.0):
+    handle = open(out / ".lock", "w")
+    deadline = time.monotonic() + wait_s  # the workers of a just-killed run may still be exiting
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                raise UsageError(f"{out} is being written by another solo-preprocess process") from None
+            time.sleep(0.1)
+
+
+def spec_of(source, layout, options) -> tuple[dict, str]:
+    """The run's fingerprint: (spec, its sha256)."""
+    with open(layout.tokenizer.model_file, "rb") as f:
+        tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
+    spec = {"tool_version": __version__, "format_version": FORMAT_VERSION, "source": source.spec(),
+            "tokenizer_sha256": tokenizer_sha, **asdict(options)}
+    return spec, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def complete_shards(out: Path, spec_sha: str) -> dict[int, dict]:
+    done = {}
+    for path in sorted(out.glob("shard-*.json")):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path}: unreadable shard manifest ({e}); delete the shard's files to redo it") from e
+        if manifest.get("spec_sha256") != spec_sha:
+            raise UsageError(f"{out} holds shards made from other inputs or options ({path.name}); "
+                             "use a new --output folder or delete this one")
+        done[int(manifest["shard"])] = manifest
+    return done
+
+
+def folder_manifest(out: Path, spec: dict, spec_sha: str, planned: int, done: dict[int, dict]) -> dict:
+    keys = ("records", "documents", "sequences", "samples", "tokens", "text_tokens", "loss_tokens",
+            "vision_tokens", "images", "padding_tokens", "truncated")
+    totals = {k: sum(m["counts"].get(k, 0) for m in done.values()) for k in keys}
+    capacity = totals["samples"] * spec["seq_length"]
+    totals["fill"] = round(totals["tokens"] / capacity, 6) if capacity else 0.0
+    skipped: Counter = Counter()
+    for m in done.values():
+        skipped.update(m.get("skipped", {}))
+    manifest = {
+        "tool": "solo-preprocess", "format_version": FORMAT_VERSION, "spec": spec, "spec_sha256": spec_sha,
+        "shards_planned": planned, "shards_complete": len(done), "complete": len(done) == planned,
+        "totals": totals, "skipped": dict(sorted(skipped.items())),
+        "shards": [{"name": f"shard-{k:05d}", **{c: m["counts"].get(c, 0) for c in ("records", "documents",
+                    "samples", "tokens", "vision_tokens", "images", "fill")},
+                    "skipped": sum(m.get("skipped", {}).values()),
+                    "bytes": sum(f["bytes"] for f in m["files"].values())}
+                   for k, m in sorted(done.items())],
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Temp files of a killed run (never visible as shards): removed before writing again."""
+    for stale in out.glob(".tmp-*"):
+        stale.unlink()
+    fsync_dir(out)

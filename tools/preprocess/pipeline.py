@@ -1,0 +1,276 @@
+"""Shards in a process pool: read records, build documents, pack, write; resume by skipping.
+
+multiprocessing runs one shard per task; a shard's bytes depend only on its records and the
+options (documents shuffled with (seed, shard), packed by `packing.pack`, written by
+`solo.data.shards.ShardWriter`), so `--workers` never changes the output. A complete shard is one
+whose manifest exists; a rerun skips those, deletes stale `.tmp-*` files and writes the rest. Workers
+ask the kernel to kill them when the parent dies, so a killed run leaves no writer behind (the
+output folder's bookkeeping is in `output.py`). tqdm shows records/s and tokens/s.
+
+Decoded patches are large (3 KiB per vision token), so a worker spills them to a temporary file in
+arrival order and copies them into the shard in packed order: memory stays at the token arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from solo.data.shards import PackedSample, ShardWriter
+from solo_preprocess import __version__, output
+from solo_preprocess.documents import Document, Layout, Skip, build
+from solo_preprocess.packing import pack
+from solo_preprocess.sources import ShardTask
+
+log = logging.getLogger("solo_preprocess")
+
+
+@dataclass(frozen=True)
+class Options:
+    seq_length: int
+    patch_size: int
+    max_side: int
+    seed: int
+    shard_size: int
+
+
+def shard_prefix(out: Path, k: int) -> Path:
+    return out / f"shard-{k:05d}"
+
+
+# -- one shard ---------------------------------------------------------------------------------
+
+class _Spill:
+    """Patches in arrival order on disk; `reader` maps them back without holding them in memory."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.offset = path, None, 0
+
+    def add(self, patches: np.ndarray) -> tuple[int, tuple[int, int]]:
+        if self.file is None:
+            self.file = open(self.path, "wb")
+        self.file.write(np.ascontiguousarray(patches).data)
+        start, self.offset = self.offset, self.offset + patches.nbytes
+        return start, patches.shape
+
+    def reader(self) -> np.ndarray | None:
+        if self.file is None:
+            return None
+        self.file.close()
+        # Copy-on-write mapping: writable views (torch.from_numpy wants them), nothing is copied.
+        return np.memmap(self.path, dtype=np.uint8, mode="c") if self.offset else None
+
+    def remove(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: Path, spec_sha: str,
+                spec_kind: str, shards_planned: int, progress=lambda records, tokens: None) -> dict:
+    """Read, build, pack and write shard `task.index`; returns its manifest."""
+    prefix = shard_prefix(out, task.index)
+    writer = ShardWriter(prefix, options.patch_size, options.seq_length)
+    spill = _Spill(out / f".tmp-{prefix.name}.spill")
+    try:
+        docs: list[tuple[np.ndarray, np.ndarray, list]] = []
+        skipped: Counter = Counter()
+        counts = Counter()
+        pending_records = pending_tokens = 0
+        last = time.monotonic()
+        for record in source.read(task.items):
+            counts["records"] += 1
+            pending_records += 1
+            try:
+                pieces: list[Document] = build(spec_kind, record, layout)
+            except Skip as s:
+                skipped[s.reason] += 1
+                log.warning("skip %s %s: %s: %s", spec_kind, record.key, s.reason, s.detail)
+                continue
+            counts["documents"] += 1
+            counts["truncated"] += any(p.truncated for p in pieces)
+            for piece in pieces:
+                docs.append((piece.tokens, piece.loss, [spill.add(p) for p in piece.patches]))
+                pending_tokens += len(piece.tokens)
+            if time.monotonic() - last > 0.25:
+                progress(pending_records, pending_tokens)
+                pending_records = pending_tokens = 0
+                last = time.monotonic()
+        progress(pending_records, pending_tokens)
+        # A seed-determined document order, the same for any number of workers.
+        order = np.random.default_rng([options.seed, task.index]).permutation(len(docs))
+        bins = pack([len(docs[i][0]) for i in order], options.seq_length)
+        pixels = spill.reader()
+        for b in bins:
+            chosen = [docs[order[j]] for j in b]
+            writer.add_sample(PackedSample(
+                tokens=np.concatenate([d[0] for d in chosen]),
+                loss_mask=np.concatenate([d[1] for d in chosen]),
+                document_lengths=[len(d[0]) for d in chosen],
+                patches=[pixels[start:start + shape[0] * shape[1]].reshape(shape)
+                         for d in chosen for start, shape in d[2]],
+            ))
+        del pixels
+        manifest = writer.finish({
+            "tool": "solo-preprocess", "tool_version": __version__, "shard": task.index,
+            "shards_planned": shards_planned, "source": {"kind": spec_kind, "input": source.input, **task.description},
+            "spec_sha256": spec_sha, **asdict(options),
+            "counts": {"records": counts["records"], "documents": counts["documents"],
+                       "truncated": counts["truncated"]},
+            "skipped": dict(sorted(skipped.items())),
+        })
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        spill.remove()
+    c = manifest["counts"]
+    log.info("%s: %d records -> %d documents -> %d samples, fill %.2f%%, %d skipped",
+             prefix.name, c["records"], c["documents"], c["samples"], 100 * c.get("fill", 0), sum(skipped.values()))
+    return manifest
+
+
+# -- worker processes --------------------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+def _init_worker(state: dict) -> None:
+    _STATE.update(state)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    if sys.platform.startswith("linux"):
+        # Die with the parent: an orphan of a killed run must not keep writing temp files.
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != state["parent_pid"]:
+            os._exit(1)
+
+
+def _progress(records: int, tokens: int) -> None:
+    if records or tokens:
+        _STATE["queue"].put((records, tokens))
+
+
+def _run_task(task: ShardTask) -> dict:
+    s = _STATE
+    return write_shard(task, s["source"], s["layout"], s["options"], s["out"], s["spec_sha"], s["kind"],
+                       s["planned"], _progress)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+def _import_megatron() -> None:
+    # Imported once here (seconds: it pulls in torch and megatron.core) so that forked workers
+    # inherit it; its warnings about TransformerEngine/apex concern training, not this tool.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import megatron.core.datasets.indexed_dataset  # noqa: F401
+
+
+def _parallel_map(ctx, workers: int):
+    """A `map` over a short-lived pool, for planning (counting the records of each input file)."""
+    def map_fn(fn, items):
+        items = list(items)
+        if workers == 1 or len(items) < 2:
+            return list(map(fn, items))
+        with ctx.Pool(min(workers, len(items)), _init_worker, ({"parent_pid": os.getpid()},)) as pool:
+            return pool.map(fn, items)
+    return map_fn
+
+
+class _Progress:
+    """The tqdm bar (records/s, tokens/s) and the folder manifest, rewritten at most every 2 s."""
+
+    def __init__(self, total_records: int, kind: str, write_manifest):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_records, unit="rec", unit_scale=True, dynamic_ncols=True, desc=kind,
+                        mininterval=0.5)
+        self.tokens, self.last_write, self.write_manifest = 0, 0.0, write_manifest
+
+    def advance(self, records: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(records)
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+
+    def shard_done(self) -> None:
+        if time.monotonic() - self.last_write > 2:
+            self.write_manifest()
+            self.last_write = time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(source, layout: Layout, options: Options, out: Path, workers: int) -> dict:
+    """Write every missing shard of `source` into `out`; returns the folder manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = output.lock(out)
+    pool = None
+    try:
+        _import_megatron()
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        t0 = time.monotonic()
+        tasks = source.plan(options.shard_size, options.seed, _parallel_map(ctx, workers))
+        spec, spec_sha = output.spec_of(source, layout, options)
+        done = output.complete_shards(out, spec_sha)
+        output.remove_stale_temps(out)
+        todo = [t for t in tasks if t.index not in done]
+        log.info("%s: %d records in %d shards (%d complete, %d to write), planned in %.1fs, %d workers",
+                 source.kind, sum(t.records for t in tasks), len(tasks), len(done), len(todo),
+                 time.monotonic() - t0, workers)
+
+        def write_manifest() -> dict:
+            return output.folder_manifest(out, spec, spec_sha, len(tasks), done)
+
+        manifest = write_manifest()
+        if not todo:
+            return manifest
+        if workers > 1 and len(todo) > 1:
+            # Forked before tqdm starts its monitor thread (a fork copies no thread, only its locks).
+            queue = ctx.SimpleQueue()
+            state = {"source": source, "layout": layout, "options": options, "out": out, "spec_sha": spec_sha,
+                     "kind": source.kind, "planned": len(tasks), "queue": queue, "parent_pid": os.getpid()}
+            pool = ctx.Pool(min(workers, len(todo)), _init_worker, (state,))
+        progress = _Progress(sum(t.records for t in todo), source.kind, write_manifest)
+        if pool is None:
+            for task in todo:
+                done[task.index] = write_shard(task, source, layout, options, out, spec_sha, source.kind,
+                                               len(tasks), progress.advance)
+                progress.shard_done()
+        else:
+            pending = {t.index: pool.apply_async(_run_task, (t,)) for t in todo}
+            while pending:
+                while not queue.empty():
+                    progress.advance(*queue.get())
+                for k in [k for k, r in pending.items() if r.ready()]:
+                    done[k] = pending.pop(k).get()  # re-raises a worker's exception
+                    progress.shard_done()
+                time.sleep(0.05)
+            while not queue.empty():
+                progress.advance(*queue.get())
+        progress.close()
+        manifest = write_manifest()
+        t = manifest["totals"]
+        log.info("done: %d shards, %d documents -> %d samples, fill %.2f%%, %d skipped %s",
+                 len(done), t["documents"], t["samples"], 100 * t["fill"], sum(manifest["skipped"].values()),
+                 manifest["skipped"] or "")
+        return manifest
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        lock.close()

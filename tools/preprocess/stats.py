@@ -1,0 +1,51 @@
+"""`solo-preprocess stats DIR`: a Table-1-like summary of a shard folder, from the manifests only."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from solo.data.shards import ShardError, list_shards
+
+COLUMNS = (("documents", "documents"), ("sequences", "sequences"), ("samples", "samples"),
+           ("text_tokens", "text tokens"), ("vision_tokens", "vision tokens"), ("images", "images"),
+           ("loss_tokens", "loss tokens"))
+
+
+def _read(prefix: str) -> dict:
+    try:
+        return json.loads(Path(f"{prefix}.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{prefix}.json: unreadable shard manifest ({e})") from e
+
+
+def render(folder: str | Path) -> str:
+    prefixes = list_shards(folder, include_empty=True)
+    if not prefixes:
+        raise ShardError(f"{folder}: no complete shards")
+    manifests = [(Path(p).name, _read(p)) for p in prefixes]
+    rows, total, skipped, capacity = [], Counter(), Counter(), 0
+    for name, m in manifests:
+        counts = m.get("counts", {})
+        rows.append((name, counts, sum(m.get("skipped", {}).values())))
+        total.update({k: counts.get(k, 0) for k, _ in COLUMNS + (("tokens", ""),)})
+        skipped.update(m.get("skipped", {}))
+        capacity += counts.get("samples", 0) * m.get("seq_length", 0)
+    total_fill = total["tokens"] / capacity if capacity else 0.0
+    rows.append(("total", {**total, "fill": total_fill}, sum(skipped.values())))
+    header = ["shard"] + [title for _, title in COLUMNS] + ["fill", "skipped"]
+    table = [header] + [[name] + [f"{c.get(k, 0):,}" for k, _ in COLUMNS] + [f"{100 * c.get('fill', 0):.2f}%", f"{s:,}"]
+                        for name, c, s in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    first = manifests[0][1]
+    source = first.get("source", {}).get("kind", "?")
+    lines.insert(0, f"{folder}: {source}, seq_length {first.get('seq_length')}, patch {first.get('patch_size')}, "
+                    f"max side {first.get('max_side')}, {len(manifests)} shards"
+                    + (f" of {first['shards_planned']} planned" if "shards_planned" in first else ""))
+    lines.append("skipped: " + (", ".join(f"{r} {n:,}" for r, n in sorted(skipped.items())) or "none"))
+    return "\n".join(lines)
