@@ -13,5 +13,5 @@ else
     grep -v '^torch==' constraints.txt > /tmp/solo-constraints.txt
     $PY -m pip install -q -c /tmp/solo-constraints.txt -e ".[test]"
 fi
-$PY -c "import solo, megatron.core, solo_preprocess"
-echo "solo-megatron installed: $($PY -c 'import solo; print(solo.__version__)')"
+PYTHONWARNINGS=ignore $PY -c "import solo, megatron.core, solo_preprocess"
+echo "solo-megatron installed: $(PYTHONWARNINGS=ignore $PY -c 'import solo; print(solo.__version__)')"

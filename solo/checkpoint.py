@@ -8,7 +8,12 @@ checkpoint loads at TP=1). This module adds what a month-long run needs around i
   name it: a crash mid-write leaves the previous checkpoint as the one resumed;
 * `solo_meta.json` beside the tensors records the step, the model shape and the parallel layout,
   so a checkpoint of another shape is refused with a clear message before any compute;
-* the newest `keep` checkpoints are kept, older ones removed.
+* the newest `keep` checkpoints are kept, older ones removed;
+* a save that fails (disk full, ...) removes its partial folder and raises a CheckpointError that
+  says so; the previous checkpoint stays `latest`. `.tmp-iter_*` folders left by a crash are
+  removed by the next save.
+
+`fault_injected` is the one test hook (tests/test_reliability.py): off unless SOLO_FAULT_INJECT is set.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from megatron_patches import optimizer_state
 from solo.config import ModelConfig
@@ -38,13 +45,38 @@ class CheckpointError(RuntimeError):
     pass
 
 
+FAULT_ENV = "SOLO_FAULT_INJECT"
+
+
+def fault_injected(point: str, step: int) -> bool:
+    """Test hook: is `point@step=N` (N = the step as logged, 1-based) in $SOLO_FAULT_INJECT?
+
+    Comma-separated, e.g. `SOLO_FAULT_INJECT=nonfinite_loss@step=3`. Points:
+    * `nonfinite_loss`: solo.train multiplies that step's per-token loss by NaN inside the forward
+      step, so the loss and every gradient are NaN, as in a real divergence;
+    * `crash_in_save`: every rank SIGKILLs itself once that step's tensors are written, before the
+      rename that commits the checkpoint.
+    """
+    spec = os.environ.get(FAULT_ENV, "")
+    return f"{point}@step={step}" in (item.strip() for item in spec.split(","))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. disk full: leave no half-written pointer behind
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _barrier() -> None:
@@ -119,11 +151,29 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
     tmp = save_dir / f".tmp-iter_{step:07d}"
     if dist.get_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in save_dir.glob(".tmp-iter_*"):  # left by a crash mid-save; never resumable
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler), str(tmp))
+    try:
+        dist_checkpointing.save(_sharded_state(model, optimizer, scheduler), str(tmp))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - raised on every rank alike
+        # A full disk surfaces as a torch zip-writer error ("unexpected pos ...") without an errno:
+        # say how much space is left, then give the partial folder's space back.
+        free = shutil.disk_usage(save_dir).free
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # DCP details the failures on its coordinator (rank 0) only.
+        cause = ("see rank 0" if isinstance(e, CheckpointException) and not e.failures
+                 else (str(e).strip().splitlines() or [type(e).__name__])[-1])
+        raise CheckpointError(
+            f"{save_dir}: writing the checkpoint of step {step} failed ({cause}); {free:,} bytes free "
+            f"on that filesystem{' (disk full?)' if free < 64 << 20 else ''}. The partial folder was "
+            f"removed; the last complete checkpoint is {latest_checkpoint(save_dir)}."
+        ) from e
     _barrier()
+    if fault_injected("crash_in_save", step):
+        os.kill(os.getpid(), signal.SIGKILL)
     if dist.get_rank() == 0:
         _atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step}, indent=2))
         shutil.rmtree(final, ignore_errors=True)

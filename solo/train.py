@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from solo.checkpoint import (
-    CheckpointError, check_model_shape, latest_checkpoint, load_checkpoint, model_meta, read_meta, resolve_checkpoint,
-    save_checkpoint,
+    CheckpointError, check_model_shape, fault_injected, latest_checkpoint, load_checkpoint, model_meta, read_meta,
+    resolve_checkpoint, save_checkpoint,
 )
 from solo.config import ConfigError, TrainConfig, load_config
 from solo.data.batch import attention_inputs, collate
@@ -145,14 +145,17 @@ def train(cfg: TrainConfig) -> dict:
                    for i in range(0, len(samples), cfg.micro_batch_size)]
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
+        forward_step = partial(_forward_step, model.backend)
+        if fault_injected("nonfinite_loss", step + 1):
+            forward_step = _nan_loss(forward_step)
         reduced = forward_backward(
-            forward_step_func=partial(_forward_step, model.backend), data_iterator=iter(batches),
+            forward_step_func=forward_step, data_iterator=iter(batches),
             model=[ddp], num_microbatches=microbatches, seq_length=data.seq_length,
             micro_batch_size=cfg.micro_batch_size, forward_only=False,
         )
         stats = _reduce_stats(reduced, batches)
         if not math.isfinite(stats["loss"]):
-            where = (f"non-finite loss {stats['loss']} at step {step} (data position: blend samples "
+            where = (f"non-finite loss {stats['loss']} at step {step + 1} (data position: blend samples "
                      f"{step * cfg.global_batch_size}..{(step + 1) * cfg.global_batch_size - 1})")
             if cfg.nonfinite_loss == "stop":
                 raise NonFiniteLoss(f"{where}; stopping. The last good checkpoint is {last_saved}")
@@ -188,6 +191,15 @@ def _forward_step(backend, data_iterator, model):
     per_token_loss = model(batch.tokens, batch.position_ids, attention_mask, patches=batch.patches,
                            labels=batch.labels, packed_seq_params=packed_seq_params)
     return per_token_loss, partial(_loss, batch)
+
+
+def _nan_loss(forward_step):
+    """Fault injection (SOLO_FAULT_INJECT=nonfinite_loss@step=N): the per-token loss times NaN, so
+    the loss and, through backward, every gradient are NaN, as in a real divergence."""
+    def poisoned(data_iterator, model):
+        per_token_loss, loss_func = forward_step(data_iterator, model)
+        return per_token_loss * float("nan"), loss_func
+    return poisoned
 
 
 def _loss(batch, per_token_loss):

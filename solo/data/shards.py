@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,9 +97,22 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
 def write_json_atomic(path: Path, data: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    _fsync_replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        _fsync_replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: no half-written temporary stays behind
+        raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def _writing(prefix: Path) -> Iterator[None]:
+    """A full disk (ENOSPC) or another OS error while writing becomes a ShardError naming the shard."""
+    try:
+        yield
+    except OSError as e:
+        raise ShardError(f"{prefix}: cannot write the shard ({e})") from e
 
 
 class ShardWriter:
@@ -150,14 +165,15 @@ class ShardWriter:
         loss = np.asarray(sample.loss_mask, dtype=np.uint8)
         patches = [np.asarray(p) for p in sample.patches]
         self._check(tokens, loss, lengths, patches)
-        # IndexedDatasetBuilder.add_document takes any array-like (it calls numpy.array on it).
-        self.builders["tokens"].add_document(tokens, lengths)
-        self.builders["loss"].add_document(loss, lengths)
-        # Pixels image by image: concatenating a sample's images first would allocate ~100 MB per
-        # sample, and fresh pages cost more than the copies themselves.
-        for p in patches:
-            self.builders["pixels"].add_item(self._torch.from_numpy(np.ascontiguousarray(p).reshape(-1)))
-        self.builders["pixels"].end_document()
+        with _writing(self.prefix):
+            # IndexedDatasetBuilder.add_document takes any array-like (it calls numpy.array on it).
+            self.builders["tokens"].add_document(tokens, lengths)
+            self.builders["loss"].add_document(loss, lengths)
+            # Pixels image by image: concatenating a sample's images first would allocate ~100 MB
+            # per sample, and fresh pages cost more than the copies themselves.
+            for p in patches:
+                self.builders["pixels"].add_item(self._torch.from_numpy(np.ascontiguousarray(p).reshape(-1)))
+            self.builders["pixels"].end_document()
         c = self.counts
         c["samples"] += 1
         c["sequences"] += len(lengths)
@@ -169,31 +185,40 @@ class ShardWriter:
 
     def finish(self, manifest: dict) -> dict:
         """Finalize the .idx files, rename everything into place, the manifest last."""
-        files = {}
-        for part, builder in self.builders.items():
-            builder.finalize(f"{self.tmp[part]}.idx")
-            for ext in ("bin", "idx"):
-                tmp = Path(f"{self.tmp[part]}.{ext}")
-                files[f"{self.prefix.name}.{part}.{ext}"] = {"bytes": tmp.stat().st_size, CHECKSUM: checksum_file(tmp)}
-        for part in PARTS:
-            for ext in ("bin", "idx"):
-                _fsync_replace(Path(f"{self.tmp[part]}.{ext}"), Path(f"{self.prefix}.{part}.{ext}"))
-        seq_length = self.seq_length or manifest.get("seq_length")
-        counts = {**self.counts, **manifest.get("counts", {})}
-        if seq_length:
-            capacity = self.samples * seq_length
-            counts["padding_tokens"] = capacity - counts["tokens"]
-            counts["fill"] = round(counts["tokens"] / capacity, 6) if capacity else 0.0
-        manifest = {**manifest, "format_version": FORMAT_VERSION, "samples": self.samples,
-                    "counts": counts, "files": files}
-        write_json_atomic(Path(f"{self.prefix}.json"), manifest)
+        with _writing(self.prefix):
+            files = {}
+            for part, builder in self.builders.items():
+                builder.finalize(f"{self.tmp[part]}.idx")
+                for ext in ("bin", "idx"):
+                    tmp = Path(f"{self.tmp[part]}.{ext}")
+                    files[f"{self.prefix.name}.{part}.{ext}"] = {"bytes": tmp.stat().st_size, CHECKSUM: checksum_file(tmp)}
+            for part in PARTS:
+                for ext in ("bin", "idx"):
+                    _fsync_replace(Path(f"{self.tmp[part]}.{ext}"), Path(f"{self.prefix}.{part}.{ext}"))
+            seq_length = self.seq_length or manifest.get("seq_length")
+            counts = {**self.counts, **manifest.get("counts", {})}
+            if seq_length:
+                capacity = self.samples * seq_length
+                counts["padding_tokens"] = capacity - counts["tokens"]
+                counts["fill"] = round(counts["tokens"] / capacity, 6) if capacity else 0.0
+            manifest = {**manifest, "format_version": FORMAT_VERSION, "samples": self.samples,
+                        "counts": counts, "files": files}
+            write_json_atomic(Path(f"{self.prefix}.json"), manifest)
         return manifest
 
     def abort(self) -> None:
+        """Remove what this writer wrote, also after a failed `finish`; a full disk cannot stop it."""
         for part, builder in self.builders.items():
-            builder.data_file.close()
+            try:
+                builder.data_file.close()  # flushing the buffer to a full disk fails again (and closes)
+            except OSError:
+                pass
             for ext in ("bin", "idx"):
                 Path(f"{self.tmp[part]}.{ext}").unlink(missing_ok=True)
+        if not Path(f"{self.prefix}.json").exists():  # parts renamed before the manifest failed
+            for part in PARTS:
+                for ext in ("bin", "idx"):
+                    Path(f"{self.prefix}.{part}.{ext}").unlink(missing_ok=True)
 
 
 class Shard:
@@ -272,6 +297,15 @@ def open_shard(prefix: str | Path, verify_checksum: bool = False) -> Shard:
         if int(ds.sequence_lengths.sum(dtype=np.int64)) * np.dtype(dtype).itemsize != bin_bytes:
             raise ShardError(f"{prefix}: {part}.idx describes {int(ds.sequence_lengths.sum())} values, "
                              f"{part}.bin holds {bin_bytes} bytes (mismatched .idx)")
+        # The offsets megatron-core reads at must follow from the lengths, and samples must cover the
+        # sequences in order: otherwise a flipped byte in an .idx reads wrong data mid-run.
+        offsets = np.zeros(len(ds.sequence_lengths), np.int64)
+        np.cumsum(ds.sequence_lengths[:-1], dtype=np.int64, out=offsets[1:])
+        docs = ds.document_indices
+        if not np.array_equal(ds.index.sequence_pointers, offsets * np.dtype(dtype).itemsize) or not (
+                len(docs) and docs[0] == 0 and docs[-1] == len(offsets) and np.all(np.diff(docs) >= 0)):
+            raise ShardError(f"{prefix}: {part}.idx offsets or sample boundaries do not follow its sequence "
+                             f"lengths (corrupted .idx)")
     tokens, loss, pixels = parts["tokens"], parts["loss"], parts["pixels"]
     if not (np.array_equal(tokens.sequence_lengths, loss.sequence_lengths)
             and np.array_equal(tokens.document_indices, loss.document_indices)):

@@ -1,0 +1,652 @@
+"""Reliability (issue #8): faults, resume and bad input, each proven here.
+
+Training runs are real: solo.train under torchrun on 2 gloo ranks (TP=2, DP=1, fp32 on CPU) with the
+tiny model and the shards of tests/shard_fixtures.py. One uninterrupted run is the reference; every
+faulted run must end with the reference's per-step losses *and* a final checkpoint whose every
+tensor (weights, Adam moments, fp32 main params, RNG states) and common state (scheduler, Adam step
+counts) equals the reference's bit for bit. Checkpoints are read back in this process with torch's
+DCP reader (megatron-core's `torch_dist` format is DCP), so comparing costs no extra launch.
+
+Faults are real too: SIGKILL of the whole job at seeded points, SIGTERM to the ranks, a kill while a
+checkpoint is being committed, a full disk (a small tmpfs: we run as root here; skipped elsewhere),
+corrupted shard files, and NaN losses through the real backward pass. The two hooks that make some
+of them deterministic are `solo.checkpoint.fault_injected` ($SOLO_FAULT_INJECT, off by default).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.shard_fixtures import write_sources
+from tests.test_train import run_train_single_process, stage_config
+from tests.torchrun import free_port, torchrun
+
+STEPS = 6  # train_steps of every run compared with the reference
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def config(root: Path, save_dir: Path, **extra) -> Path:
+    """The reference recipe (checkpoints at steps 2, 4, 6, all kept) with `extra` on top."""
+    return stage_config(root, "stage1", save_dir=save_dir, **{"save_interval_steps": 2, "keep_checkpoints": 3,
+                                                                "train_steps": STEPS, **extra})
+
+
+def launch(config_path: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    """torchrun with 2 ranks in its own session (so the whole job can be killed), output to a log."""
+    log = open(config_path.with_suffix(f".{time.monotonic_ns()}.log"), "w+")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "solo.train", str(config_path), *overrides]
+    proc = subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen, timeout: float = 300) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def steps_logged(save_dir: Path) -> int:
+    path = save_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for_steps(proc: subprocess.Popen, save_dir: Path, n: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while steps_logged(save_dir) < n:
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"run ended or stalled before step {n}:\n{output(proc)[-4000:]}")
+        time.sleep(0.02)
+
+
+def losses(save_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "metrics.jsonl is not one row per step"
+    return [r["loss"] for r in rows]
+
+
+def latest(save_dir: Path) -> str:
+    return (save_dir / "latest").read_text().strip()
+
+
+def checkpoint_state(checkpoint: Path) -> dict:
+    """Everything a checkpoint holds, flattened: DCP tensors/objects and common.pt (scheduler, ...)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sharded: dict = {}
+    _load_state_dict(sharded, storage_reader=FileSystemReader(str(checkpoint)),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    common = torch.load(checkpoint / "common.pt", weights_only=False)
+    flat: dict = {}
+
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        else:
+            flat[key] = value.getvalue() if isinstance(value, io.BytesIO) else value
+
+    walk(sharded, "dcp")
+    walk(common, "common")
+    return flat
+
+
+def assert_same_state(a: Path, b: Path, skip: tuple[str, ...] = ()) -> None:
+    sa, sb = checkpoint_state(a), checkpoint_state(b)
+    sa = {k: v for k, v in sa.items() if not any(s in k for s in skip)}
+    sb = {k: v for k, v in sb.items() if not any(s in k for s in skip)}
+    assert sorted(sa) == sorted(sb), f"{a} and {b} hold different entries"
+    differ = [k for k in sa if not (torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k])]
+    assert not differ, f"{a} != {b} in {len(differ)} entries, e.g. {differ[:5]}"
+    assert any(k.startswith("dcp/embedding") for k in sa)
+
+
+def assert_resumed_exactly(save_dir: Path, reference: Path) -> None:
+    assert losses(save_dir) == losses(reference)  # exact float equality, every step
+    assert latest(save_dir) == f"iter_{STEPS:07d}"
+    assert_same_state(save_dir / f"iter_{STEPS:07d}", reference / f"iter_{STEPS:07d}")
+    assert not list(save_dir.glob(".tmp-*")), "partial files left behind"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reliability")
+    write_sources(root / "shards")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(root) -> Path:
+    """The uninterrupted run every faulted run is compared with."""
+    save_dir = root / "runs" / "reference"
+    torchrun("-m solo.train", 2, config(root, save_dir))
+    assert latest(save_dir) == f"iter_{STEPS:07d}" and len(losses(save_dir)) == STEPS
+    return save_dir
+
+
+# -- 1. SIGKILL at seeded points, then restart -------------------------------------------------
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("seed", [1, 5, 9])
+def test_sigkill_at_a_random_point_then_restart_equals_an_uninterrupted_run(root, reference, seed):
+    """Kill the whole job (torchrun, ranks, checkpoint writers) `delay` s after step `k` is logged,
+    wherever that lands (mid-step or mid-save), and run the same command again."""
+    rng = random.Random(seed)
+    k, delay = rng.randint(1, STEPS - 2), rng.uniform(0, 1.0)  # seeds 1, 5, 9: steps 2, 3, 4
+    save_dir = root / "runs" / f"sigkill-{seed}"
+    cfg = config(root, save_dir)
+    proc = launch(cfg)
+    wait_for_steps(proc, save_dir, k)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    output(proc)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    resumed_from = latest(save_dir) if (save_dir / "latest").exists() else "scratch"
+    print(f"killed {delay:.2f} s after step {k} was logged ({steps_logged(save_dir)} logged); resuming from {resumed_from}")
+    torchrun("-m solo.train", 2, cfg)
+    assert_resumed_exactly(save_dir, reference)
+
+
+# -- 2. SIGTERM (preemption) -------------------------------------------------------------------
+
+@pytest.mark.distributed
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(root, reference):
+    save_dir = root / "runs" / "sigterm"
+    cfg = config(root, save_dir, save_interval_steps=100)  # no periodic checkpoint: only the preemption one
+    proc = launch(cfg)
+    wait_for_steps(proc, save_dir, 2)
+    # What a scheduler does to the task processes; the ranks agree on the stop through an all-reduce.
+    for rank in psutil.Process(proc.pid).children():
+        rank.send_signal(signal.SIGTERM)
+    log = output(proc)
+    assert proc.returncode == 0, log[-4000:]  # torchrun exits 0 only if every rank did
+    stopped = re.search(r"stop requested \(SIGTERM/SIGINT\): saved step (\d+), exiting", log)
+    assert stopped, log[-4000:]
+    step = int(stopped.group(1))
+    assert 2 <= step < STEPS and steps_logged(save_dir) == step
+    assert latest(save_dir) == f"iter_{step:07d}"
+    assert json.loads((save_dir / "result.json").read_text())["preempted"] is True
+    torchrun("-m solo.train", 2, cfg)
+    assert_resumed_exactly(save_dir, reference)
+
+
+# -- 3. A crash while a checkpoint is being written ----------------------------------------------
+
+@pytest.mark.distributed
+def test_crash_during_checkpoint_write_keeps_the_previous_checkpoint(root, reference):
+    save_dir = root / "runs" / "crash-in-save"
+    cfg = config(root, save_dir)
+    # Every rank SIGKILLs itself once step 4's tensors are on disk, before the rename commits them.
+    proc = launch(cfg, env={"SOLO_FAULT_INJECT": "crash_in_save@step=4"})
+    log = output(proc)
+    assert proc.returncode != 0 and "saved" in log and steps_logged(save_dir) == 4, log[-4000:]
+    partial = save_dir / ".tmp-iter_0000004"
+    assert list(partial.glob("*.distcp")), "the fault should hit after the tensors were written"
+    assert not (save_dir / "iter_0000004").exists()
+    assert latest(save_dir) == "iter_0000002"  # `latest` never names a partial checkpoint
+    assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
+    # A crash while the pointer itself was being replaced leaves a half-written temporary: ignored.
+    (save_dir / ".tmp-latest").write_text("iter_00")
+    # Resume with another save interval: the stale .tmp-iter_0000004 is never reused, only removed.
+    torchrun("-m solo.train", 2, cfg, "save_interval_steps=3")
+    assert [p.name for p in sorted(save_dir.glob("iter_*"))] == ["iter_0000002", "iter_0000003", "iter_0000006"]
+    assert_resumed_exactly(save_dir, reference)
+
+
+# -- 4. Disk full ------------------------------------------------------------------------------
+
+def _mount_tmpfs(folder: Path, size: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"needs permission to mount a small tmpfs for a real full disk ({e})")
+
+
+def _resize_tmpfs(folder: Path, size: str) -> None:  # the operator frees space
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True, timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+@pytest.mark.distributed
+def test_disk_full_during_checkpoint_is_a_clear_error_and_a_rerun_completes(root, reference, small_disk):
+    # One checkpoint is ~70 MB: the step-2 checkpoint fits in 100 MB, step 4's does not.
+    _mount_tmpfs(small_disk, "100m")
+    save_dir = small_disk / "run"
+    cfg = config(root, save_dir, keep_checkpoints=2)
+    proc = launch(cfg)
+    log = output(proc)
+    assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", log), log[-4000:]
+    assert "solo-train: error:" in log and "writing the checkpoint of step 4 failed" in log, log[-4000:]
+    assert "disk full?" in log and "last complete checkpoint is " + str(save_dir / "iter_0000002") in log
+    assert "Traceback" not in log.split("solo-train: error:")[0].split("saved")[-1]
+    assert sorted(p.name for p in save_dir.iterdir()) == ["iter_0000002", "latest", "metrics.jsonl"]
+    assert latest(save_dir) == "iter_0000002"
+    assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
+    _resize_tmpfs(small_disk, "320m")
+    torchrun("-m solo.train", 2, cfg)
+    assert_resumed_exactly(save_dir, reference)
+
+
+def _write_shard(prefix: Path, samples) -> None:
+    """What solo-preprocess does per shard: write, and abort on any error."""
+    from solo.data.shards import ShardWriter
+
+    writer = ShardWriter(prefix, 32)
+    try:
+        for sample in samples:
+            writer.add_sample(sample)
+        writer.finish({"source": "text", "seq_length": 256, "patch_size": 32})
+    except BaseException:
+        writer.abort()
+        raise
+
+
+class _FullDisk:
+    """A disk that holds `budget` bytes of shard writes, then fails them with ENOSPC, as a real full
+    disk does (megatron-core's builders write through the module's `open`). No root needed."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def open(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        disk, write = self, f.write
+
+        def limited(data):
+            if len(data) > disk.budget:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            disk.budget -= len(data)
+            return write(data)
+
+        f.write = limited
+        return f
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "injected"])
+def test_disk_full_while_writing_shards_is_a_clear_error_and_a_rerun_completes(root, tmp_path, monkeypatch, disk):
+    from megatron.core.datasets import indexed_dataset
+
+    from solo.data.shards import ShardError, list_shards, open_shard
+
+    reference = [s.sample(i) for s in map(open_shard, list_shards(root / "shards" / "text")) for i in range(len(s))]
+    out = tmp_path / "disk" / "text"
+    if disk == "tmpfs":
+        _mount_tmpfs(out.parent, "160k")
+    else:
+        full = _FullDisk(60_000)  # the text shards take ~100 kB
+        monkeypatch.setattr(indexed_dataset, "open", full.open, raising=False)
+    out.mkdir(parents=True)
+    try:
+        shards = [reference[k:k + 8] for k in range(0, len(reference), 8)]
+        with pytest.raises(ShardError) as failed:
+            for k, samples in enumerate(shards):
+                _write_shard(out / f"shard-{k:05d}", samples)
+        message = str(failed.value)
+        assert "No space left on device" in message and f"{out}/shard-0000" in message, message
+        written = list_shards(out)
+        assert written and len(written) < len(shards)
+        # Nothing of the failed shard is left: no temporary, and no part file without its manifest.
+        complete = {Path(p).name for p in written}
+        assert all(f.name.split(".")[0] in complete for f in out.iterdir()), sorted(f.name for f in out.iterdir())
+        if disk == "tmpfs":
+            _resize_tmpfs(out.parent, "4m")  # the operator frees space
+        else:
+            full.budget = 1 << 30
+        for k, samples in enumerate(shards):  # the rerun: complete shards are skipped
+            if f"shard-{k:05d}" not in complete:
+                _write_shard(out / f"shard-{k:05d}", samples)
+        again = [open_shard(p, verify_checksum=True) for p in list_shards(out)]
+        assert len(again) == len(shards)
+        reread = [s.sample(i) for s in again for i in range(len(s))]
+        assert all(np.array_equal(a.tokens, b.tokens) and a.document_lengths == b.document_lengths
+                   for a, b in zip(reread, reference, strict=True))
+    finally:
+        if disk == "tmpfs":
+            subprocess.run(["umount", "-l", str(out.parent)], capture_output=True, timeout=30)
+
+
+def test_disk_full_while_writing_json_leaves_no_temporary(tmp_path, monkeypatch):
+    """The manifest write: an injected ENOSPC (in-process) must not leave `.tmp-manifest.json`."""
+    from solo.data import shards
+
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        real(self, "{\"trunc", encoding="utf-8")
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        shards.write_json_atomic(tmp_path / "manifest.json", {"shards": 1})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- 5. Corrupted shards: a clear error naming the shard at start-up ----------------------------
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _idx_pointer_offset(path: Path) -> int:
+    """Offset of the second sequence pointer in a megatron-core .idx (after the int32 lengths)."""
+    header = 9 + 8 + 1  # magic, version, dtype code
+    count = int(np.frombuffer(path.read_bytes()[header:header + 8], np.int64)[0])
+    return header + 16 + 4 * count + 8
+
+
+def _corrupt(shards: Path, how: str) -> tuple[Path, bool]:
+    """Damage text/shard-00003 in one way; returns (the shard prefix, whether checksums are needed)."""
+    prefix = shards / "text" / "shard-00003"
+    tokens_bin = Path(f"{prefix}.tokens.bin")
+    if how == "truncated_bin":
+        tokens_bin.write_bytes(tokens_bin.read_bytes()[:-100])
+    elif how == "idx_of_another_shard":
+        # A tool bug rather than bit rot: the manifest agrees with the swapped .idx (size, checksum).
+        other = shards / "text" / "shard-00001.tokens.idx"
+        shutil.copy(other, f"{prefix}.tokens.idx")
+        manifest_path = Path(f"{prefix}.json")
+        manifest, other_manifest = json.loads(manifest_path.read_text()), json.loads((shards / "text" / "shard-00001.json").read_text())
+        manifest["files"]["shard-00003.tokens.idx"] = other_manifest["files"]["shard-00001.tokens.idx"]
+        manifest_path.write_text(json.dumps(manifest))
+    elif how == "idx_pointer_flipped":  # same size, only an offset into the .bin changes
+        _flip_byte(Path(f"{prefix}.tokens.idx"), _idx_pointer_offset(Path(f"{prefix}.tokens.idx")))
+    elif how == "bin_byte_flipped":  # same size: only the checksum can see it
+        _flip_byte(Path(f"{prefix}.loss.bin"), Path(f"{prefix}.loss.bin").stat().st_size // 2)
+        return prefix, True
+    elif how == "file_missing":
+        Path(f"{prefix}.pixels.idx").unlink()
+    return prefix, False
+
+
+CORRUPTIONS = {
+    "truncated_bin": "truncated",
+    "idx_of_another_shard": "mismatched .idx",
+    "idx_pointer_flipped": "corrupted .idx",
+    "bin_byte_flipped": "does not match its",
+    "file_missing": "missing",
+}
+
+
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_corrupted_shard_is_named_when_the_stage_data_opens(root, tmp_path, how):
+    from solo.config import DataConfig, DataSource
+    from solo.data.dataset import StageData
+    from solo.data.shards import ShardError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    prefix, checksums = _corrupt(shards, how)
+    data = DataConfig(sources=(DataSource("images", str(shards / "images"), 0.7),
+                               DataSource("text", str(shards / "text"), 0.3)),
+                      seq_length_tokens=256, verify_checksums=checksums)
+    with pytest.raises(ShardError) as error:
+        StageData(data, global_batch_size=4, train_steps=STEPS, patch_size=32)
+    assert str(prefix) in str(error.value) and CORRUPTIONS[how] in str(error.value), str(error.value)
+
+
+def test_solo_train_refuses_a_corrupted_shard_with_exit_2_before_any_step(root, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    prefix, _ = _corrupt(shards, "bin_byte_flipped")
+    cfg = stage_config(root, "stage1", save_dir=tmp_path / "run")
+    proc = run_train_single_process(
+        cfg, "parallel.tensor_parallel=1", "data.verify_checksums=true",
+        f"data.sources=[{{name: images, path: {shards}/images, fraction: 0.7}}, "
+        f"{{name: text, path: {shards}/text, fraction: 0.3}}]")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"solo-train: error: {prefix}: shard-00003.loss.bin does not match its" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# -- 6. A loss that turns NaN ------------------------------------------------------------------
+
+@pytest.mark.distributed
+def test_nonfinite_loss_stops_with_step_and_data_position_and_keeps_the_last_checkpoint(root, reference):
+    save_dir = root / "runs" / "nan-stop"
+    proc = launch(config(root, save_dir), env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=3"})
+    log = output(proc)
+    assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*3\b", log), log[-4000:]
+    assert (f"solo-train: non-finite loss nan at step 3 (data position: blend samples 8..11); stopping. "
+            f"The last good checkpoint is {save_dir / 'iter_0000002'}") in log, log[-4000:]
+    assert losses(save_dir) == losses(reference)[:2]  # the NaN step is reported, never logged as a step
+    assert latest(save_dir) == "iter_0000002"
+    assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
+
+
+@pytest.mark.distributed
+def test_nonfinite_loss_skip_leaves_the_weights_of_that_step_unchanged(root):
+    save_dir = root / "runs" / "nan-skip"
+    cfg = config(root, save_dir, train_steps=4, save_interval_steps=1, keep_checkpoints=4, nonfinite_loss="skip")
+    proc = launch(cfg, env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=3"})
+    log = output(proc)
+    assert proc.returncode == 0, log[-4000:]
+    assert "non-finite loss nan at step 3 (data position: blend samples 8..11); skipping this batch" in log
+    curve = losses(save_dir)
+    assert len(curve) == 4 and np.isnan(curve[2]) and np.isfinite([curve[0], curve[1], curve[3]]).all()
+    # Step 3 changed nothing but the schedule: weights, Adam moments and Adam step counts as after step 2.
+    assert_same_state(save_dir / "iter_0000002", save_dir / "iter_0000003",
+                      skip=("common/scheduler", "/lr", "rng_state"))
+    after = checkpoint_state(save_dir / "iter_0000004")
+    before = checkpoint_state(save_dir / "iter_0000003")
+    weights = [k for k in after if k.startswith("dcp/") and "optimizer" not in k and isinstance(after[k], torch.Tensor)
+               and after[k].is_floating_point()]
+    assert all(torch.isfinite(after[k]).all() for k in weights)
+    assert any(not torch.equal(after[k], before[k]) for k in weights), "step 4 should train again"
+
+
+# -- 7. Fuzzing the readers of untrusted input ---------------------------------------------------
+# Each example must end, fast, in a result or in the reader's typed error naming the input; memory
+# must stay bounded over the whole run (a decoder that honours a forged 60000x60000 header would not).
+
+FUZZ = settings(max_examples=600, deadline=3000, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+RSS_BUDGET = 500 << 20
+
+
+@pytest.fixture
+def bounded_memory():
+    import faulthandler
+
+    process = psutil.Process()
+    start = process.memory_info().rss
+    faulthandler.dump_traceback_later(300, exit=True)  # a hang fails loudly instead of stalling CI
+    yield
+    faulthandler.cancel_dump_traceback_later()
+    grown = process.memory_info().rss - start
+    assert grown < RSS_BUDGET, f"RSS grew by {grown / 2**20:.0f} MB while fuzzing"
+
+
+def _photo(name: str, fmt: str, side: int = 96, **save) -> bytes:
+    import skimage.data
+    from PIL import Image
+
+    with Image.open(os.path.join(os.path.dirname(skimage.data.__file__), name)) as im:
+        im = im.convert("RGBA" if fmt == "PNG" else "RGB")
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.save(buf, fmt, **save)
+        return buf.getvalue()
+
+
+def _seeds() -> list[bytes]:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate
+    return [_photo("chelsea.png", "JPEG", exif=exif.tobytes()), _photo("coffee.png", "PNG"),
+            _photo("rocket.jpg", "GIF"), _photo("astronaut.png", "WEBP"), _photo("camera.png", "BMP"),
+            _photo("horse.png", "TIFF")]
+
+
+SEEDS = _seeds()
+
+
+@st.composite
+def mutated(draw, seeds: list[bytes]) -> bytes:
+    """A real encoded file with a few bit flips, byte overwrites (huge sizes in headers included),
+    a truncation, or another format's header spliced in."""
+    data = bytearray(draw(st.sampled_from(seeds)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "overwrite", "truncate", "splice", "header"]))
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        if op == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "overwrite":
+            data[at:at + 4] = draw(st.sampled_from([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff",
+                                                    b"\x00\x00\xea\x60"]))
+        elif op == "truncate":
+            del data[at:]
+        elif op == "splice":
+            other = draw(st.sampled_from(seeds))
+            data[at:] = other[draw(st.integers(0, len(other) - 1)):]
+        else:  # a header early in the file, where dimensions and chunk lengths live
+            at = draw(st.integers(0, min(64, len(data) - 1)))
+            data[at] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+def _check_image(data: bytes) -> None:
+    from solo.vision import REASONS, ImageLoadError, load_image
+
+    try:
+        image = load_image(data, name="fuzzed-input")
+    except ImageLoadError as e:
+        assert str(e).startswith("fuzzed-input: ") and e.reason in REASONS
+    else:
+        assert image.mode == "RGB" and image.width > 0 and image.height > 0
+        np.asarray(image)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_load_image_random_bytes(bounded_memory, data):
+    _check_image(data)
+
+
+@FUZZ
+@given(mutated(SEEDS))
+def test_fuzz_load_image_mutated_real_files(bounded_memory, data):
+    _check_image(data)
+
+
+# The preprocessing readers (tools/preprocess, package solo_preprocess), when installed.
+
+@pytest.fixture(scope="module")
+def preprocess(tmp_path_factory):
+    formats = pytest.importorskip("solo_preprocess.formats")
+    documents = pytest.importorskip("solo_preprocess.documents")
+    sources = pytest.importorskip("solo_preprocess.sources")
+    from solo.tokenizer import SOLOTokenizer
+
+    layout = documents.Layout(SOLOTokenizer.default(), 1024, 32, 128)
+    return formats, documents, sources, layout, tmp_path_factory.mktemp("fuzz-inputs")
+
+
+def _tar_bytes(records: list[tuple[str, bytes, str]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, image, caption in records:
+            for name, payload in ((f"{key}.jpg", image), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def _zst_bytes(lines: list[dict]) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress("".join(json.dumps(x) + "\n" for x in lines).encode())
+
+
+INPUTS = {
+    "captions.tar": _tar_bytes([(f"{i:05d}", SEEDS[0], f"a cat, picture {i}") for i in range(3)]),
+    "text.jsonl.zst": _zst_bytes([{"text": f"document {i} " * 20} for i in range(6)]),
+    "text.jsonl": "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(6)).encode(),
+    "llava.json": json.dumps([{"id": i, "image": "cat.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": f"A cat ({i})."}]}
+        for i in range(3)]).encode(),
+}
+KIND = {"captions.tar": "captions", "text.jsonl.zst": "text", "text.jsonl": "text"}
+
+
+def _check_input(preprocess, name: str, data: bytes) -> None:
+    """Reading a damaged input yields records (bad ones carry their reason) or an InputError naming
+    the file; planning counts exactly the records a shard reads; every record builds documents or
+    is skipped with a reason."""
+    formats, documents, sources, layout, folder = preprocess
+    path = folder / name
+    path.write_bytes(data)
+    (folder / "cat.jpg").write_bytes(SEEDS[0])
+    try:
+        if name == "llava.json":
+            source = sources.ConversationSource(str(path), str(folder), sources.load_conversations(str(path)))
+            kind, records = "sft", list(source.read(source.items()))
+        else:
+            kind = KIND[name]
+            records = list(formats.read_records(kind, str(path), 0, None))
+            assert formats.count_records(kind, str(path)) == len(records), "planning and reading disagree"
+    except formats.InputError as e:
+        assert str(path) in str(e)
+        return
+    for record in records:
+        assert isinstance(record, formats.Record) and name in record.key
+        try:
+            documents.build(kind, record, layout)
+        except documents.Skip as s:
+            assert s.reason
+
+
+@FUZZ
+@given(st.sampled_from(sorted(INPUTS)).flatmap(lambda name: st.tuples(st.just(name), mutated([INPUTS[name]]))))
+def test_fuzz_preprocess_readers_on_damaged_inputs(preprocess, bounded_memory, case):
+    _check_input(preprocess, *case)
