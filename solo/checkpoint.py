@@ -36,9 +36,11 @@ from solo.config import ModelConfig
 
 META_FILE = "solo_meta.json"
 LATEST_FILE = "latest"
-# The fields of ModelConfig that decide tensor shapes; the rest (e.g. max_image_side) may change.
+# The fields of ModelConfig that decide tensor shapes or what the weights mean (RoPE base, norm
+# epsilon: a model trained with one and run with another loads fine and is silently wrong); the
+# rest (e.g. max_image_side) may change between stages.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "vocab_size", "patch_size")
+                "ffn_hidden_size", "vocab_size", "patch_size", "rope_theta", "norm_epsilon")
 
 
 class CheckpointError(RuntimeError):
@@ -112,6 +114,21 @@ def check_model_shape(checkpoint: Path, model: ModelConfig) -> None:
              for k in SHAPE_FIELDS if saved.get(k) != getattr(model, k)]
     if wrong:
         raise CheckpointError(f"{checkpoint}: model shape does not match the config: " + "; ".join(wrong))
+
+
+def check_stage_finished(init_from: str | Path, checkpoint: Path) -> None:
+    """`init_from` naming a save dir means that stage's final weights: refuse an unfinished stage
+    (preempted or killed), which a chained launch would otherwise build on without a word."""
+    if not (Path(init_from) / LATEST_FILE).is_file():
+        return  # a checkpoint folder named on purpose (or a converted checkpoint): taken as it is
+    meta = read_meta(checkpoint)
+    total = meta.get("train_steps")
+    if total is not None and meta.get("step", 0) < total:
+        raise CheckpointError(
+            f"init_from {init_from}: stage {meta.get('stage')!r} stopped at step {meta.get('step')} of {total} "
+            f"(preempted or killed?). Finish it first (rerunning its command resumes it), or set init_from "
+            f"to the checkpoint folder {checkpoint} to start from those weights anyway."
+        )
 
 
 def _rng_object() -> ShardedObject:

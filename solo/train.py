@@ -8,7 +8,7 @@ Read it top to bottom. megatron-core does the heavy lifting: parallel groups
 
 A stage starts from the previous stage's weights (`init_from`) with a fresh optimizer and
 schedule; a run that finds a checkpoint in its own `save_dir` resumes it exactly (weights,
-optimizer, schedule, RNG, data position = step). SIGTERM/SIGINT save a checkpoint and exit.
+optimizer, schedule, RNG, data position = step). SIGTERM/SIGINT/SIGUSR1 save a checkpoint and exit.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from solo.checkpoint import (
-    CheckpointError, check_model_shape, fault_injected, latest_checkpoint, load_checkpoint, model_meta, read_meta,
-    resolve_checkpoint, save_checkpoint,
+    CheckpointError, check_model_shape, check_stage_finished, fault_injected, latest_checkpoint, load_checkpoint,
+    model_meta, read_meta, resolve_checkpoint, save_checkpoint,
 )
 from solo.config import ConfigError, TrainConfig, load_config
 from solo.data.batch import attention_inputs, collate
@@ -43,15 +43,22 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopRequest:
-    """SIGTERM (preemption) or SIGINT: finish the step, save, exit. Ranks agree via all-reduce."""
+    """SIGTERM, SIGINT or SIGUSR1: finish the step, save, exit 0. Ranks agree via all-reduce, so a
+    signal to any one rank stops them all at the same step.
+
+    SIGUSR1 is the one to schedule ahead of a time limit (SLURM `--signal=USR1@600`,
+    scripts/pretrain.sh forwards it to the ranks): torchrun gives ranks only 30 s after a SIGTERM
+    before it kills them, less than a 7B step plus its checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.requested: str | None = None
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
@@ -84,6 +91,8 @@ def train(cfg: TrainConfig) -> dict:
     for checkpoint in (resume, init):
         if checkpoint is not None:
             check_model_shape(checkpoint, cfg.model)
+    if init is not None:
+        check_stage_finished(cfg.init_from, init)
     pad_id = SOLOTokenizer.default().pad_id
 
     # 2. Model, optimizer, schedule.
@@ -134,7 +143,7 @@ def train(cfg: TrainConfig) -> dict:
     stop = StopRequest()
     forward_backward = get_forward_backward_func()
     microbatches = cfg.global_batch_size // (dp_size * cfg.micro_batch_size)
-    meta = model_meta(cfg.model, layout, stage=cfg.stage, config=dataclasses.asdict(cfg))
+    meta = model_meta(cfg.model, layout, stage=cfg.stage, train_steps=steps, config=dataclasses.asdict(cfg))
     last_saved = resume
     result = {"stage": cfg.stage, "steps": steps, "losses": []}
 
@@ -175,7 +184,7 @@ def train(cfg: TrainConfig) -> dict:
             last_saved = save_checkpoint(cfg.save_dir, step, model, optimizer, scheduler, meta, cfg.keep_checkpoints)
             log.info(f"saved {last_saved}")
         if preempted:
-            log.info(f"stop requested (SIGTERM/SIGINT): saved step {step}, exiting")
+            log.info(f"stop requested ({stop.requested or 'signal on another rank'}): saved step {step}, exiting")
             result["preempted"] = True
             break
     result["checkpoint"] = str(last_saved)

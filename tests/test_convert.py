@@ -263,6 +263,26 @@ def test_processor_builds_the_training_layout_and_round_trips(work, tmp_path):
     assert again.to_dict() == processor.to_dict()
 
 
+@pytest.mark.parametrize("with_image", [True, False])
+def test_processor_chat_prompt_is_the_sft_layout_up_to_the_answer(work, with_image):
+    """`chat=True` must give the ids solo-preprocess's sft layout trained on, up to the answer."""
+    from solo_preprocess.documents import Layout, build
+    from solo_preprocess.formats import Record
+
+    answer = "It is a small red bird."
+    record = Record(key="chat", image=str(work.image_path) if with_image else None,
+                    conversations=[{"from": "human", "value": PROMPT}, {"from": "gpt", "value": answer}])
+    [doc] = build("sft", record, Layout(TOK, seq_length=4096, patch_size=P, max_side=1024))
+    encoded = SOLOProcessor(TOK).encode(work.image_path if with_image else None, PROMPT, chat=True)
+    n = len(encoded.input_ids)
+    assert encoded.input_ids == doc.tokens[:n].tolist()
+    assert doc.loss[:n].sum() == 0 and doc.loss[n] == 1  # the answer starts right after the prompt
+    assert TOK.decode(doc.tokens[n:n + len(TOK.encode(answer, prefix_space=False))].tolist()).strip() == answer
+    if with_image:
+        assert np.array_equal(encoded.patches, doc.patches[0])
+    assert encoded.input_ids[:2] == [TOK.bos_id, TOK.im_start_id] and encoded.input_ids.count(TOK.im_start_id) == 2
+
+
 def test_fuyu_patch_order_is_transformers_fuyu_patchify(work):
     from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
@@ -384,3 +404,32 @@ def test_cli_reports_errors_with_exit_code_2(work, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "solo-convert: error:" in err and "not a Mistral checkpoint" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing_tensor_file", "cannot read the checkpoint's tensors"),
+    ("truncated_tensor_file", "cannot read the checkpoint's tensors"),
+    ("shape_in_meta", "cannot read the checkpoint's tensors"),
+])
+def test_damaged_solo_checkpoint_is_a_clear_error_and_writes_nothing(work, tmp_path, damage, message):
+    import shutil
+
+    checkpoint = tmp_path / "solo"
+    shutil.copytree(work.root / "solo_a", checkpoint)
+    distcp = sorted(checkpoint.rglob("*.distcp"), key=lambda p: p.stat().st_size)[-1]
+    if damage == "missing_tensor_file":
+        distcp.unlink()
+    elif damage == "truncated_tensor_file":
+        with open(distcp, "r+b") as f:
+            f.truncate(distcp.stat().st_size // 2)
+    else:  # the meta claims a wider model than the tensors hold
+        meta = checkpoint / "solo_meta.json"
+        saved = json.loads(meta.read_text())
+        saved["model"]["ffn_hidden_size"] *= 2
+        meta.write_text(json.dumps(saved))
+    proc = cli("solo-to-hf", "--checkpoint", checkpoint, "--output", tmp_path / "out")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "solo-convert: error:" in err and message in err and str(checkpoint) in err, err[-3000:]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["solo"]  # no output, no temporary

@@ -193,12 +193,35 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(root, refere
         rank.send_signal(signal.SIGTERM)
     log = output(proc)
     assert proc.returncode == 0, log[-4000:]  # torchrun exits 0 only if every rank did
-    stopped = re.search(r"stop requested \(SIGTERM/SIGINT\): saved step (\d+), exiting", log)
+    stopped = re.search(r"stop requested \(SIGTERM\): saved step (\d+), exiting", log)
     assert stopped, log[-4000:]
     step = int(stopped.group(1))
     assert 2 <= step < STEPS and steps_logged(save_dir) == step
     assert latest(save_dir) == f"iter_{step:07d}"
     assert json.loads((save_dir / "result.json").read_text())["preempted"] is True
+    torchrun("-m solo.train", 2, cfg)
+    assert_resumed_exactly(save_dir, reference)
+
+
+@pytest.mark.distributed
+def test_sigusr1_to_the_launch_script_saves_and_resumes_exactly(root, reference):
+    """The signal a scheduler sends ahead of a time limit (SLURM --signal=B:USR1@600) reaches only
+    scripts/pretrain.sh: torchrun must survive it and the ranks must save and stop."""
+    save_dir = root / "runs" / "sigusr1"
+    cfg = config(root, save_dir, save_interval_steps=100)
+    log = open(cfg.with_suffix(".usr1.log"), "w+")
+    proc = subprocess.Popen(["bash", "scripts/pretrain.sh", str(cfg)], cwd=Path(__file__).parent.parent,
+                            env={**ENV, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    wait_for_steps(proc, save_dir, 2)
+    proc.send_signal(signal.SIGUSR1)  # the launch script alone, not its process group
+    out = output(proc)
+    assert proc.returncode == 0, out[-4000:]
+    stopped = re.search(r"stop requested \(SIGUSR1\): saved step (\d+), exiting", out)
+    assert stopped, out[-4000:]
+    step = int(stopped.group(1))
+    assert 2 <= step < STEPS and latest(save_dir) == f"iter_{step:07d}"
     torchrun("-m solo.train", 2, cfg)
     assert_resumed_exactly(save_dir, reference)
 

@@ -131,3 +131,30 @@ def test_checkpoint_of_another_model_shape_is_refused(curriculum, tmp_path):
     proc = run_train_single_process(config, "parallel.tensor_parallel=1", "model.num_layers=3")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "model shape does not match" in proc.stderr and "num_layers: checkpoint 2 vs config 3" in proc.stderr
+
+
+def test_checkpoint_with_another_rope_base_is_refused(curriculum, tmp_path):
+    """Same tensor shapes, different meaning: loading would succeed and train a wrong model."""
+    config = stage_config(curriculum, "stage1", init_from=str(curriculum / "runs" / "stage1"),
+                          save_dir=tmp_path / "run")
+    proc = run_train_single_process(config, "parallel.tensor_parallel=1", "model.rope_theta=1000000")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "rope_theta: checkpoint 10000.0 vs config 1000000.0" in proc.stderr
+
+
+def test_init_from_an_unfinished_stage_is_refused(curriculum, tmp_path):
+    """A preempted stage 1 must not silently become stage 2's starting point (scripts/curriculum.sh)."""
+    import shutil
+
+    from solo.checkpoint import check_stage_finished
+
+    unfinished = tmp_path / "stage1"
+    shutil.copytree(curriculum / "runs" / "stage1", unfinished)
+    (unfinished / "latest").write_text("iter_0000004\n")  # as if stopped after step 4 of 6
+    config = stage_config(curriculum, "stage2", init_from=str(unfinished), save_dir=tmp_path / "run")
+    proc = run_train_single_process(config, "parallel.tensor_parallel=1")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "stage 'stage1' stopped at step 4 of 6" in proc.stderr and "iter_0000004" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    check_stage_finished(unfinished / "iter_0000004", unfinished / "iter_0000004")  # named on purpose: taken
+    check_stage_finished(curriculum / "runs" / "stage1", curriculum / "runs" / "stage1" / "iter_0000006")

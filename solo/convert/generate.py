@@ -5,6 +5,7 @@ at the first step through Fuyu's `pixel_values`); `SOLOProcessor` builds the inp
 training did.
 
     solo-generate --model export/solo-hf --image dog.jpg --prompt "A photo of" --max-new-tokens 32
+    solo-generate --model export/solo-hf --image dog.jpg --prompt "What is in the image?" --chat
 """
 
 from __future__ import annotations
@@ -46,15 +47,16 @@ def fuyu_inputs(model, inputs: dict) -> dict:
     return out
 
 
-def generate(model, processor, image=None, prompt: str = "", max_new_tokens: int = 32) -> list[int]:
-    """The generated ids (prompt excluded), stopping after `</s>`."""
+def generate(model, processor, image=None, prompt: str = "", max_new_tokens: int = 32, chat: bool = False) -> list[int]:
+    """The generated ids (prompt excluded), stopping after `</s>` (and, in chat, `<|im_end|>`)."""
     import torch
 
-    inputs = fuyu_inputs(model, processor(image, prompt))
+    inputs = fuyu_inputs(model, processor(image, prompt, chat=chat))
+    stop = [processor.tokenizer.eos_id] + ([processor.tokenizer.im_end_id] if chat else [])
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id,
+            eos_token_id=stop, pad_token_id=processor.tokenizer.pad_id,
         )
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="folder written by `solo-convert solo-to-hf`")
     parser.add_argument("--image", help="image file (optional: text-only prompts work too)")
     parser.add_argument("--prompt", default="", help="text after the image")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt in the supervised chat template of stages 2-3 and answer as the assistant")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="compute dtype (auto: as stored on GPU, float32 on CPU)")
@@ -72,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, processor = load(args.model, args.dtype)
-        ids = generate(model, processor, args.image, args.prompt, args.max_new_tokens)
+        ids = generate(model, processor, args.image, args.prompt, args.max_new_tokens, chat=args.chat)
     except (FileNotFoundError, ImageLoadError, ValueError, OSError) as e:
         print(f"solo-generate: error: {e}", file=sys.stderr, flush=True)
         return 2
-    if ids and ids[-1] == processor.tokenizer.eos_id:
+    if ids and ids[-1] in (processor.tokenizer.eos_id, processor.tokenizer.im_end_id):
         ids = ids[:-1]
     print(processor.decode(ids))
     return 0

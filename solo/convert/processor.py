@@ -7,7 +7,11 @@ sequence is
     <s> <vision> row 0 <vrow_sep> row 1 ... row h-1 </vision> prompt-text
 
 (`solo.vision.image_token_ids`; the prompt encoded like any text segment, with sentencepiece's
-dummy prefix). `pixel_values` are the normalized patches in that order, each flattened in Fuyu's
+dummy prefix), or with `chat=True` the supervised template of stages 2-3 (`solo-preprocess sft`,
+LLaVA's image-first placement), ending where the assistant's answer begins:
+
+    <s> <|im_start|>user\n IMAGE \nprompt<|im_end|>\n<|im_start|>assistant\n
+ `pixel_values` are the normalized patches in that order, each flattened in Fuyu's
 (row, column, channel) order, which the export's `vision_embed_tokens` expects (see
 `solo.convert.layouts.patch_columns_to_fuyu`); `encode` also returns the uint8 patches in the
 training order (channel, row, column) for the Megatron model.
@@ -51,26 +55,35 @@ class SOLOProcessor:
     def patch_dim(self) -> int:
         return 3 * self.patch_size**2
 
-    def encode(self, image=None, prompt: str = "") -> EncodedPrompt:
+    def encode(self, image=None, prompt: str = "", chat: bool = False) -> EncodedPrompt:
         """`image`: a path, encoded bytes or a PIL image (or None for text only)."""
         tok = self.tokenizer
-        ids = [tok.bos_id]
         patches = np.zeros((0, self.patch_dim), dtype=np.uint8)
         rows = cols = 0
+        image_ids = []
         if image is not None:
             encoded = encode_image(image, self.patch_size, self.max_image_side)
             rows, cols, patches = encoded.rows, encoded.cols, encoded.patches
-            ids += image_token_ids(rows, cols, tok)
-        if prompt:
-            ids += tok.encode(prompt)
+            image_ids = image_token_ids(rows, cols, tok)
+        if not chat:
+            ids = [tok.bos_id] + image_ids + (tok.encode(prompt) if prompt else [])
+            return EncodedPrompt(ids, patches, rows, cols)
+        # The ids solo-preprocess's sft layout gives a user turn "<image>\n{prompt}" (every text run
+        # after a special id encoded on its own, with the dummy prefix).
+        if image_ids:
+            user = tok.encode("user\n") + image_ids + tok.encode("\n" + prompt)
+        else:
+            user = tok.encode("user\n" + prompt)
+        ids = ([tok.bos_id, tok.im_start_id] + user + [tok.im_end_id] + tok.encode("\n")
+               + [tok.im_start_id] + tok.encode("assistant\n"))
         return EncodedPrompt(ids, patches, rows, cols)
 
-    def __call__(self, image=None, prompt: str = "") -> dict:
+    def __call__(self, image=None, prompt: str = "", chat: bool = False) -> dict:
         """Tensors for `FuyuForCausalLM`: input_ids [1, L], attention_mask [1, L] and, with an image,
         pixel_values [1, n, 3*P*P] (float32, Fuyu order)."""
         import torch
 
-        encoded = self.encode(image, prompt)
+        encoded = self.encode(image, prompt, chat)
         ids = torch.tensor([encoded.input_ids], dtype=torch.long)
         out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if len(encoded.patches):
@@ -99,6 +112,7 @@ class SOLOProcessor:
             "image_std": IMAGENET_STD.tolist(),
             "patch_order": "patches row-major over the grid; each flattened (row, column, channel) as Fuyu's",
             "sequence": "<s> <vision> row <vrow_sep> row ... </vision> prompt",
+            "chat_sequence": "<s><|im_start|>user\\n<vision>...</vision>\\nprompt<|im_end|>\\n<|im_start|>assistant\\n",
             "tokenizer_file": TOKENIZER_FILE,
             "vocab_size": tok.vocab_size,
             "bos_token_id": tok.bos_id,

@@ -169,6 +169,23 @@ def write_tokenizer(folder: Path, tok: SOLOTokenizer, model: ModelConfig) -> Non
     hf.save_pretrained(str(folder))
 
 
+def _read(checkpoint: Path, fn, *args, **kwargs):
+    """megatron-core / torch DCP raise their own types (a CheckpointException is not even an
+    Exception) for missing, truncated or mismatched tensor files: one clear ConversionError instead."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from solo.checkpoint import CheckpointError
+
+    try:
+        return fn(*args, **kwargs)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        detail = (str(e).strip().splitlines() or [""])[-1][:300]
+        raise ConversionError(f"{checkpoint}: cannot read the checkpoint's tensors ({type(e).__name__}: {detail}); "
+                              f"is the folder complete and written by solo-train or solo-convert?") from e
+
+
 def convert_solo_to_hf(
     checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None,
     tokenizer_model: str | os.PathLike | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -188,10 +205,10 @@ def convert_solo_to_hf(
     except (OSError, ValueError) as e:
         raise ConversionError(f"tokenizer {tokenizer_model or '(packaged)'}: {e}") from e
     with single_process_world(seed=0):
-        stored = _stored_dtype(checkpoint)
+        stored = _read(checkpoint, _stored_dtype, checkpoint)
         out_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype] if dtype else stored
         solo = empty_model(model, stored)
-        load_checkpoint(checkpoint, solo, load_rng=False)
+        _read(checkpoint, load_checkpoint, checkpoint, solo, load_rng=False)
         log.info("%s: %d layers, hidden %d, stored %s -> %s (%s)", checkpoint, model.num_layers,
                  model.hidden_size, stored, output, out_dtype)
         with staged_output(output) as tmp:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,11 +71,15 @@ class StageData:
         if not data.sources:
             raise ValueError("data.sources is empty: a stage needs at least one source of shards")
         config = BlendedMegatronDatasetConfig(random_seed=data.seed, sequence_length=data.seq_length_tokens)
-        opened, self.sources = [], []
+        listed = []
         for source in data.sources:
             prefixes = list_shards(source.path)  # raises a clear error for a missing folder
             if not prefixes:
                 raise ShardError(f"data source {source.name!r}: no complete shards in {source.path}")
+            listed.append((source, prefixes))
+        _check_shard_count(sum(len(p) for _, p in listed))
+        opened, self.sources = [], []
+        for source, prefixes in listed:
             shards = [open_shard(p, verify_checksum=data.verify_checksums) for p in prefixes]
             for prefix, shard in zip(prefixes, shards):
                 _check_compatible(prefix, shard.manifest, data.seq_length_tokens, patch_size)
@@ -101,6 +106,29 @@ class StageData:
         per_rank = self.global_batch_size // dp_size
         start = step * self.global_batch_size + dp_rank * per_rank
         return [self.blend[i]["sample"] for i in range(start, start + per_rank)]
+
+
+# megatron-core's IndexedDataset memory-maps each .idx and .bin, and every map holds a file
+# descriptor: a shard keeps about 7 open (measured, megatron-core 0.16.1). BlendedDataset indexes
+# datasets with int16.
+FILES_PER_SHARD = 8
+MAX_SHARDS = 32766
+
+
+def _check_shard_count(shards: int) -> None:
+    """Fail before opening anything if the stage's shards cannot all be open at once."""
+    if shards > MAX_SHARDS:
+        raise ShardError(f"the stage's sources hold {shards:,} shards; megatron-core's BlendedDataset takes at "
+                         f"most {MAX_SHARDS:,}: preprocess with a larger --shard-size")
+    needed = FILES_PER_SHARD * shards + 512  # and the rest of the process: sockets, logs, checkpoints
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        # A whole ImageNet21K stage is ~1,600 shards: more than the usual soft limit of 1,024 files.
+        raise_to = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raise_to, hard))
+        if raise_to < needed:
+            raise ShardError(f"the stage's {shards:,} shards need about {needed:,} open files, the hard limit is "
+                             f"{hard:,}: raise it (ulimit -Hn) or preprocess with a larger --shard-size")
 
 
 def _check_compatible(prefix: str, manifest: dict, seq_length: int, patch_size: int | None) -> None:
