@@ -30,6 +30,7 @@ REASONS = (
     "decompression_bomb",  # more pixels than max_pixels / PIL's MAX_IMAGE_PIXELS
     "empty_image",  # a side of zero pixels
     "corrupt_image",  # identified, but decoding fails (truncated JPEG, bad chunks, ...)
+    "unsupported_mode",  # decoded, but a pixel mode to_rgb cannot convert
 )
 
 
@@ -136,40 +137,72 @@ def load_image(
         except Exception as e:  # noqa: BLE001
             raise ImageLoadError(label, "corrupt_image", f"cannot decode ({e})") from e
     try:
-        im = ImageOps.exif_transpose(im)
+        # In place: the usual photo needs no rotation, and a copy of it would cost ~5% of
+        # preprocessing.
+        ImageOps.exif_transpose(im, in_place=True)
     except Exception:  # noqa: BLE001 - an unreadable EXIF block should not cost a good image
         pass
     return to_rgb(im, name=label)
 
 
-def _gray_to_uint8(image: Image.Image) -> np.ndarray:
+# Every mode of Image.MODES (Pillow 13), by how it reaches RGB. tests/test_vision.py checks that
+# this covers Image.MODES, so a mode added by a new Pillow is noticed there.
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # no 8-bit range: scaled by numpy
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")  # "a": premultiplied, convert() unpremultiplies
+_KEYED_MODES = ("1", "L", "P", "RGB")  # info["transparency"] / RGBA palette -> alpha via convert()
+_PLAIN_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _wide_to_uint8(image: Image.Image) -> np.ndarray:
     a = np.asarray(image)
     if image.mode.startswith("I;16"):
         # The mode fixes the range to 0..65535: map it onto 0..255 with rounding.
-        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    # "I" (int32) and "F" (float) have no fixed range: stretch what is there.
-    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(a.min()), float(a.max())
-    if hi > lo:
-        a = (a - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        out = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    else:
+        # "I" (int32) and "F" (float) have no fixed range: stretch what is there.
+        f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(f.min()), float(f.max())
+        if hi > lo:
+            f = (f - lo) * (255.0 / (hi - lo))
+        out = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)):  # a 16-bit PNG's tRNS grey level: that value is see-through
+        out[a == key] = 255
+    return out
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    if image.mode == "La":
+        image = image.convert("LA")  # Pillow converts La only to LA
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 def to_rgb(image: Image.Image, *, name: str = "<image>") -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited on white (a transparent pixel is white)."""
+    """Any PIL mode -> RGB; transparency is composited on white (a transparent pixel is white).
+
+    Raises ImageLoadError naming `name` for a mode that cannot be converted.
+    """
     if image.width == 0 or image.height == 0:
         raise ImageLoadError(name, "empty_image", f"image size {image.width}x{image.height}")
     mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
+    see_through = mode in _ALPHA_MODES or (mode in _KEYED_MODES and image.has_transparency_data)
+    if mode == "RGB" and not see_through:
         return image
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        # PIL's own I/F -> L conversion clips at 255 instead of scaling.
-        return Image.fromarray(_gray_to_uint8(image)).convert("RGB")
-    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
+    try:
+        if mode in _WIDE_MODES:
+            # PIL's own I/F -> L conversion clips at 255 instead of scaling.
+            return Image.fromarray(_wide_to_uint8(image)).convert("RGB")
+        if see_through:
+            return _on_white(image)
+        if mode in _PLAIN_MODES:
+            return image.convert("RGB")
+    except (ValueError, OSError) as e:  # PIL's "conversion from X to Y not supported" and kin
+        raise ImageLoadError(
+            name, "unsupported_mode", f"cannot convert mode {mode!r} to RGB ({e})"
+        ) from e
+    raise ImageLoadError(name, "unsupported_mode", f"no conversion from mode {mode!r} to RGB")
 
 
 def resize_for_patches(

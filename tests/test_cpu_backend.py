@@ -14,6 +14,9 @@ def test_tp2_dp2_distributed_optimizer_matches_single_rank(tmp_path):
     torchrun("gpt_parity.py", 1, "--tp", "1", "--out", single)
     torchrun("gpt_parity.py", 4, "--tp", "2", "--out", parallel)
     a, b = json.loads(single.read_text()), json.loads(parallel.read_text())
+    layout = ("world_size", "tensor_parallel_size", "data_parallel_size")
+    assert [a[k] for k in layout] == [1, 1, 1], a
+    assert [b[k] for k in layout] == [4, 2, 2], b
 
     losses = a["train_losses"]
     assert losses[-1] < losses[0] - 0.5, f"loss did not fall: {losses}"

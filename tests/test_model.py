@@ -39,9 +39,16 @@ def test_tensor_parallel_gives_same_loss_logits_and_projection_gradient(parity, 
     np.testing.assert_allclose(other["norm_grad"], ref["norm_grad"], rtol=1e-4, atol=1e-7)
 
 
-def test_documents_in_a_packed_row_do_not_see_each_other(single):
-    assert single["doc0_unchanged_max_diff"] == 0.0
-    assert single["doc2_changed_max_diff"] > 1e-3  # the check is sensitive: pixels do matter
+@pytest.mark.parametrize("case", ["first", "first_pixels", "middle"])
+def test_documents_in_a_packed_row_do_not_see_each_other(single, case):
+    # One document's text and/or pixels changed: the other documents' (and the padding's) logits
+    # stay, the later ones included, which causality alone would not guarantee.
+    diffs = single["isolation"][case]
+    assert diffs["changed"] > 1e-3  # the change is felt: the check is sensitive
+    assert diffs["later"] == 0.0 and diffs["others"] == 0.0, diffs
+
+
+def test_a_document_gives_the_same_logits_packed_and_alone(single):
     assert single["packed_vs_alone_max_diff"] < 1e-4
     assert single["position_restarts"]
 
@@ -50,11 +57,21 @@ def test_flex_attention_backend_matches_block_diagonal_mask(single):
     assert single["flex_vs_mask_max_diff"] < 1e-4
 
 
+def test_collate_masks_special_ids_boundaries_and_padding(single):
+    # The sample marked every token a target; collate must drop these and keep everything else.
+    counts = single["excluded_counts"]
+    assert counts["special"] > 0 and counts["boundary"] == 2 and counts["padding"] > 1, counts
+    assert single["mask_on_excluded"] == 0.0
+    assert single["mask_elsewhere"] == [1.0]
+
+
 def test_no_loss_or_gradient_from_special_ids_or_padding(single):
-    assert single["loss_on_special_ids"] == 0.0
-    assert single["loss_on_padding"] == 0.0
-    assert single["masked_labels_loss_diff"] == 0.0
-    assert single["masked_labels_grad_diff"] == 0.0
+    for name in ("relabelled_excluded", "repadded"):
+        assert single[f"{name}_loss_diff"] == 0.0, name
+        assert single[f"{name}_grad_diff"] == 0.0, name
+    # Control: relabelling one real target moves both.
+    assert single["relabelled_target_loss_diff"] > 1e-3
+    assert single["relabelled_target_grad_diff"] > 0
 
 
 def test_patch_projection_learns(single):
@@ -63,5 +80,9 @@ def test_patch_projection_learns(single):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_vpatch_patch_mismatch_is_a_clear_error(single):
-    assert "<vpatch> tokens" in single["mismatch_error"] and "image patches" in single["mismatch_error"]
+@pytest.mark.parametrize("case, delta", [("too_few", -1), ("too_many", 1)])
+def test_vpatch_patch_mismatch_is_a_clear_error(single, case, delta):
+    n = single["vpatch_count"]
+    assert n == 2 * 3 + 3 * 2  # the two images of standard_documents
+    message = single[f"mismatch_{case}"]
+    assert f"{n} <vpatch> tokens" in message and f"{n + delta} image patches" in message, message

@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from solo.vision import (
     EncodedImage,
@@ -261,18 +261,159 @@ def test_alpha_composited_on_white():
     assert im.getpixel((2, 2)) == (255, 255, 255) and im.getpixel((1, 1)) == (10, 20, 30)
 
 
-@pytest.mark.parametrize("orientation, top_is_red", [(6, True), (8, False)])
-def test_exif_orientation(orientation, top_is_red):
-    a = np.zeros((32, 64, 3), np.uint8)
-    a[:, :32] = (255, 0, 0)
-    a[:, 32:] = (0, 0, 255)
+# Every PIL mode -> RGB. (label, build, file format to round-trip through or None, colour
+# everywhere, colour at (0, 0) or None, tolerance). A label's mode is the part before "+".
+C = (200, 100, 50)
+ON_WHITE = (227, 177, 152)  # C at alpha 128 over white: c * 128/255 + 255 * 127/255
+WHITE = (255, 255, 255)
+
+
+def solid(mode, value):
+    return Image.new(mode, (5, 3), value)
+
+
+def spot(im, value):
+    im.putpixel((0, 0), value)
+    return im
+
+
+def keyed(im, key):  # a PNG tRNS chunk: pixels of this value are transparent
+    im.info["transparency"] = key
+    return im
+
+
+def palette(colours=(0, 0, 0, *C), mode="RGB"):
+    im = solid("P", 1)
+    im.putpalette(colours, mode)
+    return im
+
+
+MODE_CASES = [
+    ("1", lambda: spot(solid("1", 1), 0), "PNG", WHITE, (0, 0, 0), 0),
+    ("L", lambda: solid("L", 100), "PNG", (100,) * 3, None, 0),
+    ("L+tRNS", lambda: spot(keyed(solid("L", 100), 100), 7), "PNG", WHITE, (7,) * 3, 0),
+    ("LA", lambda: spot(solid("LA", (100, 128)), (100, 0)), "PNG", (177,) * 3, WHITE, 1),
+    ("La", lambda: spot(solid("LA", (100, 128)), (9, 255)).convert("La"), None, (177,) * 3,
+     (9,) * 3, 2),
+    ("P", lambda: spot(palette(), 0), "PNG", C, (0, 0, 0), 0),
+    ("P+transparency", lambda: spot(keyed(palette(), 1), 0), "PNG", WHITE, (0, 0, 0), 0),
+    ("P+RGBA palette", lambda: spot(palette((0, 0, 0, 255, *C, 0), "RGBA"), 0), "PNG", WHITE,
+     (0, 0, 0), 0),
+    ("PA", lambda: spot(palette().convert("PA"), (1, 0)), "TIFF", C, WHITE, 0),
+    ("RGB", lambda: solid("RGB", C), "PNG", C, None, 0),
+    ("RGB+tRNS", lambda: spot(keyed(solid("RGB", C), C), (1, 2, 3)), "PNG", WHITE, (1, 2, 3), 0),
+    ("RGBA", lambda: spot(solid("RGBA", (*C, 128)), (*C, 0)), "PNG", ON_WHITE, WHITE, 1),
+    # Premultiplied: unpremultiplied first, so it ends where RGBA does.
+    ("RGBa", lambda: spot(solid("RGBA", (*C, 128)), (*C, 0)).convert("RGBa"), None, ON_WHITE,
+     WHITE, 2),
+    ("RGBX", lambda: solid("RGB", C).convert("RGBX"), None, C, None, 0),
+    ("CMYK", lambda: solid("CMYK", (0, 255, 255, 0)), "TIFF", (255, 0, 0), None, 0),
+    ("YCbCr", lambda: solid("RGB", C).convert("YCbCr"), "TIFF", C, None, 3),
+    ("LAB", lambda: solid("RGB", C).convert("LAB"), "TIFF", C, None, 3),
+    ("HSV", lambda: solid("RGB", C).convert("HSV"), None, C, None, 3),
+    # 16 bits: v -> round(v / 257), so 20 * 257 is 20 and 257 is 1.
+    ("I;16", lambda: spot(solid("I;16", 20 * 257), 257), "PNG", (20,) * 3, (1,) * 3, 0),
+    ("I;16+tRNS", lambda: spot(keyed(solid("I;16", 1000), 1000), 20 * 257), "PNG", WHITE,
+     (20,) * 3, 0),
+    ("I;16L", lambda: solid("I;16L", 20 * 257), None, (20,) * 3, None, 0),
+    ("I;16B", lambda: solid("I;16B", 20 * 257), "TIFF", (20,) * 3, None, 0),
+    ("I;16N", lambda: solid("I;16N", 20 * 257), None, (20,) * 3, None, 0),
+    # 32 bits: stretched to 0..255 (a constant image has no range and stays as it is).
+    ("I", lambda: spot(solid("I", 3000), -1000), "TIFF", WHITE, (0, 0, 0), 0),
+    ("F", lambda: solid("F", 20.0), "TIFF", (20,) * 3, None, 0),
+]
+
+
+def test_mode_cases_cover_every_pil_mode():
+    # A mode added by a newer Pillow must be added to to_rgb and to MODE_CASES.
+    assert set(Image.MODES) <= {label.split("+")[0] for label, *_ in MODE_CASES}
+
+
+@pytest.mark.parametrize("label, build, fmt, fill, at_origin, tol", MODE_CASES,
+                         ids=[c[0] for c in MODE_CASES])
+def test_every_mode_to_rgb(label, build, fmt, fill, at_origin, tol):
+    im = build()
+    assert im.mode == label.split("+")[0]
+    expected = np.empty((3, 5, 3), np.int16)
+    expected[...] = fill
+    if at_origin is not None:
+        expected[0, 0] = at_origin
+    results = {"to_rgb": to_rgb(im, name="x")}
+    if fmt:
+        data = encoded(im, fmt)
+        with Image.open(io.BytesIO(data)) as raw:
+            assert raw.mode == im.mode, f"{fmt} stored {im.mode} as {raw.mode}"
+        results[fmt] = load_image(data)
+    for path, out in results.items():
+        assert out.mode == "RGB" and out.size == (5, 3), path
+        got = np.asarray(out)
+        assert got.dtype == np.uint8
+        assert np.abs(got.astype(np.int16) - expected).max() <= tol, (path, got[0, :2].tolist())
+
+
+def test_unconvertible_mode_names_the_input(monkeypatch):
+    def refuse(self, mode=None, *args, **kwargs):
+        raise ValueError(f"conversion from {self.mode} to {mode} not supported")
+
+    monkeypatch.setattr(Image.Image, "convert", refuse)
+    for im in (solid("CMYK", 0), solid("RGBA", (1, 2, 3, 4))):
+        with pytest.raises(ImageLoadError) as info:
+            to_rgb(im, name="scans/page-3.tif")
+        assert info.value.reason == "unsupported_mode" and "scans/page-3.tif" in str(info.value)
+        assert im.mode in str(info.value)
+
+
+@pytest.mark.parametrize("fname", ["chelsea.png", "retina.jpg"])  # upscaled, downscaled
+def test_resize_filter_is_bilinear(fname):
+    im = load_image(os.path.join(SKIMAGE_DIR, fname))
+    size = target_size(*im.size)
+    got = np.asarray(resize_for_patches(im))
+    assert got.shape == (size[1], size[0], 3)
+    assert np.array_equal(got, np.asarray(im.resize(size, Image.Resampling.BILINEAR)))
+    for other in (Image.Resampling.NEAREST, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS):
+        assert not np.array_equal(got, np.asarray(im.resize(size, other))), other
+
+
+# EXIF orientation tag (0x0112) -> how the stored pixels are turned to be seen upright (EXIF 2.3).
+ORIENTATIONS = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: np.rot90(a[:, ::-1], 1),  # mirrored, then rotated 90 counter-clockwise
+    6: lambda a: np.rot90(a, -1),  # rotated 90 clockwise
+    7: lambda a: np.rot90(a[:, ::-1], -1),  # mirrored, then rotated 90 clockwise
+    8: lambda a: np.rot90(a, 1),  # rotated 90 counter-clockwise
+}
+
+
+def asymmetric_blocks():
+    # 3 x 2 blocks of 16 px, six different colours: every flip and rotation looks different.
+    colours = np.array([[(255, 0, 0), (0, 255, 0), (0, 0, 255)],
+                        [(255, 255, 0), (255, 0, 255), (0, 255, 255)]], np.uint8)
+    return colours.repeat(16, axis=0).repeat(16, axis=1)  # (32, 48, 3)
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_exif_orientation(orientation):
+    a = asymmetric_blocks()
+    expected = ORIENTATIONS[orientation](a)
+    assert len({ORIENTATIONS[o](a).tobytes() for o in ORIENTATIONS}) == 8
     exif = Image.Exif()
     exif[0x0112] = orientation
-    im = load_bytes(encoded(Image.fromarray(a), "JPEG", exif=exif, quality=95))
-    assert im.size == (32, 64)
-    top, bottom = np.asarray(im)[:28].mean((0, 1)), np.asarray(im)[36:].mean((0, 1))
-    red, blue = (top, bottom) if top_is_red else (bottom, top)
-    assert red[0] > 240 and red[2] < 15 and blue[2] > 240 and blue[0] < 15
+    for fmt, kw in (("PNG", {}), ("JPEG", {"quality": 95, "subsampling": 0})):
+        data = encoded(Image.fromarray(a), fmt, exif=exif, **kw)
+        im = load_bytes(data)
+        assert im.size == (expected.shape[1], expected.shape[0]), fmt
+        got = np.asarray(im)
+        with Image.open(io.BytesIO(data)) as raw:
+            assert raw.getexif()[0x0112] == orientation
+            assert np.array_equal(got, np.asarray(ImageOps.exif_transpose(raw).convert("RGB")))
+        if fmt == "PNG":  # lossless: exact
+            assert np.array_equal(got, expected)
+        else:  # JPEG: ringing at the block edges, the right colour everywhere else
+            diff = np.abs(got.astype(np.int16) - expected)
+            assert diff.mean() < 3 and np.median(diff) <= 2, (fmt, diff.mean())
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """torchrun worker: train megatron-core GPTModel with TP x DP and the distributed optimizer.
 
-Launched by tests/test_cpu_backend.py. Rank 0 writes the per-step losses and a held-out loss to
-the JSON file named on the command line, so runs with different layouts can be compared.
+Launched by tests/test_cpu_backend.py. Rank 0 writes the per-step losses, a held-out loss and the
+world / tensor-parallel / data-parallel sizes to the JSON file named on the command line, so runs
+with different layouts can be compared.
 """
 
 import argparse
@@ -105,7 +106,11 @@ def main():
         losses.append((summed[0] / summed[1]).item())
     if rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"train_losses": losses[:-1], "heldout_loss": losses[-1]}, f)
+            # The layout that really ran, so the test can tell a TP2xDP2 run from a degenerate one.
+            json.dump({"train_losses": losses[:-1], "heldout_loss": losses[-1],
+                       "world_size": torch.distributed.get_world_size(),
+                       "tensor_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                       "data_parallel_size": dp}, f)
     destroy_distributed()
 
 

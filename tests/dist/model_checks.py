@@ -2,8 +2,8 @@
 
 --check parity: loss, logits and patch-projection gradient of a fixed packed batch (compared across
                TP sizes and sequence parallelism by the test).
---check single: single-rank behaviour (document isolation, loss mask, flex vs mask attention,
-               vpatch/patch mismatch, learning one image-caption pair); results to JSON.
+--check single: single-rank behaviour (document isolation, collate's loss mask, flex vs mask
+               attention, vpatch/patch mismatch, learning one image-caption pair); results to JSON.
 """
 
 import argparse
@@ -16,7 +16,7 @@ import torch
 from solo.config import ModelConfig, ParallelConfig
 from solo.data.batch import attention_inputs, collate
 from solo.distributed import destroy_distributed, init_distributed, rank
-from solo.model import build_model
+from solo.model import PATCH_ID, build_model
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import image_token_ids
 
@@ -92,6 +92,22 @@ def check_parity(args):
                  logits=out[0, :, :MODEL.vocab_size].detach().numpy())
 
 
+def altered(doc, tokens=True, pixels=True):
+    """The same document at the same length: its text reversed and/or its pixels inverted."""
+    t, l, p = doc
+    t = list(t)
+    if tokens:  # text positions carry loss; the first (<s>) and last (</s>) stay
+        text = [i for i in range(1, len(t) - 1) if l[i]]
+        for i, v in zip(text, [t[i] for i in text][::-1]):
+            t[i] = v
+    return t, l, (255 - p if pixels and p is not None else p)
+
+
+def all_grads(model):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in model.parameters()])
+
+
 def check_single(args):
     results = {}
     model = build_model(MODEL, ParallelConfig(), backend="local")
@@ -104,55 +120,83 @@ def check_single(args):
         int(base.position_ids[0, bounds[1] - 1]) == lengths[0] - 1
     with torch.no_grad():
         ref = logits(model, base, "local")[0]
-        # Change the text of document 1 and the pixels of document 2: document 0 must not notice;
-        # changing document 0's pixels must change document 0 only up to its end.
-        altered = list(docs)
-        t, l, p = docs[1]
-        altered[1] = ([t[0]] + t[1:-1][::-1] + [t[-1]], l, p)  # same length, other tokens
-        t, l, p = docs[2]
-        altered[2] = (t, l, 255 - p)
-        changed = collate([pack(altered)], seq)
-        out = logits(model, changed, "local")[0]
-        results["doc0_unchanged_max_diff"] = float((out[:bounds[1]] - ref[:bounds[1]]).abs().max())
-        results["doc2_changed_max_diff"] = float((out[bounds[2]:bounds[3]] - ref[bounds[2]:bounds[3]]).abs().max())
-        # The same document alone in its own row gives the same logits as inside the packed row.
-        alone = collate([pack([docs[2]])], seq)
-        out_alone = logits(model, alone, "local")[0]
-        results["packed_vs_alone_max_diff"] = float((out_alone[:lengths[2]] - ref[bounds[2]:bounds[3]]).abs().max())
+        # Change one document: its own logits must move, those of every other document (and of
+        # the padding) must not. Changing the first or a middle one is what causality alone does
+        # not already guarantee for the documents after it.
+        isolation = {}
+        for case, i, change in [("first", 0, dict(tokens=True, pixels=True)),
+                                ("first_pixels", 0, dict(tokens=False, pixels=True)),
+                                ("middle", 1, dict(tokens=True, pixels=False))]:
+            changed = list(docs)
+            changed[i] = altered(docs[i], **change)
+            diff = (logits(model, collate([pack(changed)], seq), "local")[0] - ref).abs().amax(-1)
+            inside = torch.zeros(seq, dtype=torch.bool)
+            inside[bounds[i]:bounds[i + 1]] = True
+            isolation[case] = {"changed": float(diff[inside].max()),
+                               "others": float(diff[~inside].max()),
+                               "later": float(diff[bounds[i + 1]:].max())}
+        results["isolation"] = isolation
+        # Each document alone in its own row gives the same logits as inside the packed row.
+        results["packed_vs_alone_max_diff"] = max(
+            float((logits(model, collate([pack([d])], seq), "local")[0][:n]
+                   - ref[bounds[i]:bounds[i + 1]]).abs().max())
+            for i, (d, n) in enumerate(zip(docs, lengths))
+        )
         # FlexAttention backend (CPU eager) against the block-diagonal mask.
         flex = build_model(MODEL, ParallelConfig(), backend="flex")
         flex.load_state_dict(model.state_dict())
         results["flex_vs_mask_max_diff"] = float((logits(flex, base, "flex")[0] - ref).abs().max())
 
-    # Loss mask: targets >= 32000 and padding never carry loss or gradient.
-    labels, mask = base.labels[0], base.loss_mask[0]
-    results["loss_on_special_ids"] = float(mask[labels >= 32000].sum())
-    results["loss_on_padding"] = float(mask[bounds[-1] - 1:].sum())
-    def masked_loss_and_grad(batch):
+    # Loss mask, collate's alone: the sample marks EVERY token a target, so no loss on labels
+    # >= 32000, on the first token of the next document and on padding must come from collate.
+    everything = pack(docs)
+    everything.loss_mask[:] = 1
+    full = collate([everything], seq)
+    labels, mask = full.labels[0], full.loss_mask[0]
+    special = labels >= 32000
+    boundary = torch.zeros(seq, dtype=torch.bool)
+    boundary[torch.as_tensor(bounds[1:-1]) - 1] = True  # label = the next document's <s>
+    padding = torch.arange(seq) >= bounds[-1] - 1  # label = a padding token
+    excluded = special | boundary | padding
+    results["excluded_counts"] = {"special": int(special.sum()), "boundary": int(boundary.sum()),
+                                  "padding": int(padding.sum())}
+    results["mask_on_excluded"] = float(mask[excluded].abs().sum())
+    results["mask_elsewhere"] = sorted(set(mask[~excluded].tolist()))
+
+    def loss_and_grads(batch):
         model.zero_grad()
         loss = (run(model, batch, "local") * batch.loss_mask).sum()
         loss.backward()
-        return loss.item(), model.output_layer.weight.grad.clone()
+        return loss.item(), all_grads(model)
 
-    loss_a, grad_a = masked_loss_and_grad(base)
-    # Scrambling every label that carries no loss must change neither the loss nor the gradient.
-    scrambled = collate([pack(docs)], seq)
-    off = scrambled.loss_mask == 0
-    scrambled.labels[off] = torch.randint(0, MODEL.vocab_size, (int(off.sum()),))
-    loss_b, grad_b = masked_loss_and_grad(scrambled)
-    results["masked_labels_loss_diff"] = abs(loss_a - loss_b)
-    results["masked_labels_grad_diff"] = float((grad_a - grad_b).abs().max())
-    masked_loss_and_grad(base)
+    loss_ref, grad_ref = loss_and_grads(full)
+    g = torch.Generator().manual_seed(0)
+    # Other (natural-language) labels where collate must have masked: same loss, same gradient.
+    relabelled = collate([everything], seq)
+    relabelled.labels[0, excluded] = torch.randint(0, 32000, (int(excluded.sum()),), generator=g)
+    # Other padding, through collate: its tokens and labels differ.
+    repadded = collate([everything], seq, pad_id=TOK.eos_id)
+    # Control: one label that is a target changed; the loss must notice.
+    control = collate([everything], seq)
+    k = int((~excluded).nonzero()[0])
+    control.labels[0, k] = (control.labels[0, k] + 1) % 32000
+    for name, batch in [("relabelled_excluded", relabelled), ("repadded", repadded),
+                        ("relabelled_target", control)]:
+        loss, grad = loss_and_grads(batch)
+        results[f"{name}_loss_diff"] = abs(loss - loss_ref)
+        results[f"{name}_grad_diff"] = float((grad - grad_ref).abs().max())
     results["projection_grad_norm"] = float(model.patch_projection.weight.grad.norm())
 
-    # Mismatch between <vpatch> tokens and patches.
-    try:
-        bad = collate([pack(docs)], seq)
-        bad.patches = bad.patches[:-1]
-        run(model, bad, "local")
-        results["mismatch_error"] = ""
-    except ValueError as e:
-        results["mismatch_error"] = str(e)
+    # Mismatch between <vpatch> tokens and patches, one patch too few and one too many.
+    results["vpatch_count"] = int((base.tokens == PATCH_ID).sum())
+    for name, cut in [("too_few", lambda p: p[:-1]), ("too_many", lambda p: torch.cat([p, p[:1]]))]:
+        try:
+            bad = collate([pack(docs)], seq)
+            bad.patches = cut(bad.patches)
+            run(model, bad, "local")
+            results[f"mismatch_{name}"] = ""
+        except ValueError as e:
+            results[f"mismatch_{name}"] = str(e)
 
     # A few optimizer steps on one image-caption pair drive its loss down.
     torch.manual_seed(0)
