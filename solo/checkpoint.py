@@ -31,8 +31,12 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from megatron_patches import optimizer_state
+from megatron_patches import optimizer_state, safe_load
 from solo.config import ModelConfig
+
+# Every checkpoint read in solo-megatron goes through this module or follows its import: from here
+# on torch DCP unpickles nothing but its own metadata and weights-only objects.
+safe_load.apply()
 
 META_FILE = "solo_meta.json"
 LATEST_FILE = "latest"

@@ -433,3 +433,23 @@ def test_damaged_solo_checkpoint_is_a_clear_error_and_writes_nothing(work, tmp_p
     assert "solo-convert: error:" in err and message in err and str(checkpoint) in err, err[-3000:]
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["solo"]  # no output, no temporary
+
+
+def test_a_crafted_checkpoint_cannot_run_code(work, tmp_path):
+    """A .metadata pickle naming a function is refused (megatron_patches/safe_load.py), not run."""
+    import pickle
+    import shutil
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    checkpoint = tmp_path / "solo"
+    shutil.copytree(work.root / "solo_a", checkpoint)
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(Payload()))
+    proc = cli("solo-to-hf", "--checkpoint", checkpoint, "--output", tmp_path / "out")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "refusing to unpickle builtins.exec" in err, err[-3000:]
+    assert not marker.exists() and not (tmp_path / "out").exists()
