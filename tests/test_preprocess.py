@@ -3,10 +3,13 @@ Parquet, .jsonl.zst and LLaVA JSON, every damaged input it must skip, byte-ident
 any --workers, and kill-and-resume in a subprocess."""
 
 import base64
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -14,6 +17,7 @@ import sys
 import tarfile
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +33,8 @@ from PIL import Image
 from solo.data.shards import list_shards, open_shard, read_folder_manifest
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import encode_image, image_token_ids
-from solo_preprocess import formats
-from solo_preprocess.cli import main
+from solo_preprocess import formats, pipeline
+from solo_preprocess.cli import build_parser, main
 from solo_preprocess.documents import Layout, Skip, build
 from solo_preprocess.formats import Record
 from solo_preprocess.packing import fill_ratio, pack
@@ -452,7 +456,7 @@ def test_wrong_arguments_exit_2_naming_the_path(tmp_path, capsys, args, message)
 
 
 def test_workers_do_not_change_bytes_and_rerun_rewrites_nothing(imagenet, tmp_path, capsys):
-    root, _ = imagenet
+    root, good = imagenet
     args = ["imagenet", "--input", root / "train", "--synsets", root / "synsets.txt", "--shard-size", 5, *OPTS[:-2]]
     assert cli(*args, "--output", tmp_path / "one", "--workers", 1) == 0
     assert cli(*args, "--output", tmp_path / "two", "--workers", 2) == 0
@@ -464,9 +468,15 @@ def test_workers_do_not_change_bytes_and_rerun_rewrites_nothing(imagenet, tmp_pa
     # Other options into the same folder: refused before any work.
     assert cli(*args, "--output", tmp_path / "one", "--seed", 1) == 2
     assert "holds shards made from other inputs or options" in capsys.readouterr().err
+    # stats: the totals (Table 1 of the paper); a row per shard only on request.
     assert cli("stats", tmp_path / "one") == 0
     stats = capsys.readouterr().out
-    assert "shard-00004" in stats and "total" in stats and "decompression_bomb 1" in stats
+    [total] = [line for line in stats.splitlines() if line.startswith("total")]
+    assert total.split()[1] == str(len(good)) and "decompression_bomb 1" in stats and "shard-0000" not in stats
+    assert cli("stats", tmp_path / "one", "--per-shard") == 0
+    stats = capsys.readouterr().out
+    assert "shard-00004" in stats
+    assert [line.split() for line in stats.splitlines() if line.startswith("total")] == [total.split()]
 
 
 def test_kill_and_resume(imagenet, tmp_path):
@@ -501,3 +511,148 @@ def test_count_and_read_agree_on_damaged_files(captions):
         assert n == len(list(formats.read_records("captions", path, 0, None)))
         assert [r.key for r in formats.read_records("captions", path, 1, 3)] == \
                [r.key for r in formats.read_records("captions", path, 0, None)][1:3]
+
+
+# -- damaged inputs and failures at the edges --------------------------------------------------
+
+def test_tar_reads_on_past_corrupt_member_headers(tok, tmp_path, caplog):
+    keys = [f"{k:09d}" for k in range(8)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:  # img2dataset's layout
+        for k, key in enumerate(keys):
+            add_members(tar, [(f"{key}.jpg", photo("rocket.jpg", 96 + 8 * k)), (f"{key}.txt", f"rocket {k}".encode()),
+                              (f"{key}.json", json.dumps({"key": key, "caption": f"rocket {k}"}).encode())])
+    data = bytearray(buf.getvalue())
+    header = {m.name: m.offset for m in tarfile.open(fileobj=io.BytesIO(bytes(data)))}
+    # Record 2's caption header: a checksum that is no number; its name still says whose it was.
+    at = header[f"{keys[2]}.txt"]
+    data[at + 148:at + 156] = b"9999999\0"
+    # Record 5's image header, name and checksum overwritten: it may have been record 4's last
+    # member as well as record 5's first, so both go (record 4 was intact: the price of not knowing).
+    at = header[f"{keys[5]}.jpg"]
+    data[at:at + 156] = b"\xfe\xff" * 78
+    (tmp_path / "00000.tar").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="solo_preprocess"):
+        assert cli("captions", "--input", tmp_path / "00000.tar", "--output", out, *OPTS) == 0
+    manifest = read_folder_manifest(out)
+    assert manifest["skipped"] == {"corrupt_tar_member": 3} and manifest["totals"]["records"] == 8
+    kept = sorted(tok.decode(t[l == 1]) for t, l, _ in documents_of(out))
+    assert kept == [f"rocket {k}" for k in (0, 1, 3, 6, 7)]
+    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skip")]
+    assert [m.split(": ")[0] for m in skips] == [f"skip captions 00000.tar:{keys[k]}" for k in (2, 4, 5)]
+    assert all("corrupt_tar_member: unreadable tar header at byte" in m for m in skips)
+    # Planning counts what the shards read, from any record on.
+    path = str(tmp_path / "00000.tar")
+    assert formats.count_records("captions", path) == 8
+    assert [r.key for r in formats.read_records("captions", path, 3, 6)] == \
+        [r.key for r in formats.read_records("captions", path, 0, None)][3:6]
+
+
+def test_skip_logs_name_the_file_below_the_inputs_and_the_record(tmp_path, caplog):
+    # SlimPajama's layout: the same file name in every chunk folder.
+    for chunk, texts in (("chunk1", ["One.", "Two."]), ("chunk2", ["Three.", " "])):
+        (tmp_path / chunk).mkdir()
+        (tmp_path / chunk / "example_train_0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    with caplog.at_level(logging.WARNING, logger="solo_preprocess"):
+        assert cli("text", "--input", f"{tmp_path}/chunk*/*.jsonl", "--output", tmp_path / "out", *OPTS) == 0
+    [skip] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skip")]
+    assert skip.startswith("skip text chunk2/example_train_0.jsonl:2: empty_text:"), skip
+
+
+def test_parquet_image_values_that_are_neither_bytes_nor_a_path_are_skipped(tmp_path):
+    # Never handed to load_image: open(n) reads, then closes, this process's own file descriptor n.
+    pq.write_table(pa.table({"jpg": [10**6, 10**6 + 1], "txt": ["an int", "another"]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"image": [[1, 2, 3]], "caption": ["a list"]}), tmp_path / "lists.parquet")
+    pq.write_table(pa.table({"jpg": [photo("coins.png")], "txt": ["Coins."]}), tmp_path / "good.parquet")
+    out = tmp_path / "out"
+    assert cli("captions", "--input", f"{tmp_path}/*.parquet", "--output", out, *OPTS) == 0
+    manifest = read_folder_manifest(out)
+    assert manifest["skipped"] == {"bad_image_value": 3} and manifest["totals"]["documents"] == 1
+    [record, _] = formats.read_records("captions", str(tmp_path / "ints.parquet"), 0, None)
+    assert record.error == ("bad_image_value", "column 'jpg' holds int 1000000, expected encoded bytes or a path")
+
+
+def test_workers_default_to_the_cpus_this_process_may_run_on(monkeypatch):
+    # A SLURM job or cgroup cpuset gets 3 of the node's 64 cores: 64 workers would oversubscribe them.
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3, 5}, raising=False)
+    assert build_parser().parse_args(["text", "--input", "x", "--output", "y"]).workers == 3
+
+
+class _FullSpill:
+    """`open` for pipeline.py (the spill file) on a disk that takes `budget` bytes, then fails writes
+    with ENOSPC naming no file, as a real full disk does. Forked workers each inherit a budget."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def open(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        disk, write = self, f.write
+
+        def limited(data):
+            if memoryview(data).nbytes > disk.budget:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            disk.budget -= memoryview(data).nbytes
+            return write(data)
+
+        f.write = limited
+        return f
+
+
+def _mount_tmpfs(folder, size):
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"needs permission to mount a small tmpfs for a real full disk ({e})")
+
+
+@pytest.mark.parametrize("disk", ["spill", "manifest", "tmpfs"])
+def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(imagenet, tmp_path, monkeypatch, capsys, disk):
+    root, good = imagenet
+    args = ["imagenet", "--input", root / "train", "--synsets", root / "synsets.txt", "--shard-size", 5,
+            *OPTS[:-2], "--workers", 2, "--output", tmp_path / "disk" / "out"]
+    out = tmp_path / "disk" / "out"
+    if disk == "tmpfs":  # a real one: whichever write comes first fails (spill, shard or manifest)
+        _mount_tmpfs(out.parent, "1m")
+    elif disk == "spill":
+        monkeypatch.setattr(pipeline, "open", _FullSpill(400_000).open, raising=False)
+    else:
+        real = Path.write_text
+
+        def full(self, *a, **k):
+            if self.name != ".tmp-manifest.json":
+                return real(self, *a, **k)
+            real(self, '{"trunc')
+            raise OSError(errno.ENOSPC, "No space left on device")  # the close's flush names no file
+
+        monkeypatch.setattr(Path, "write_text", full)
+    try:
+        assert cli(*args) == 2
+        err = capsys.readouterr().err
+        [line] = [line for line in err.splitlines() if "error:" in line]
+        assert "No space left on device" in line and line.endswith(
+            "(disk full: free space, then rerun the same command to finish)"), err[-3000:]
+        assert "Traceback" not in err
+        if disk == "spill":
+            assert re.search(rf"error: {re.escape(str(out))}/\.tmp-shard-\d{{5}}\.spill: No space", line), line
+        elif disk == "manifest":
+            assert f"error: {out}/.tmp-manifest.json: No space" in line
+        # Nothing half-written: no temporary of any worker, no shard file without its manifest.
+        names = [p.name for p in out.iterdir()]
+        complete = {os.path.basename(p) for p in list_shards(out, include_empty=True)}
+        assert not [n for n in names if n.startswith(".tmp-")], names
+        assert all(n.split(".")[0] in complete for n in names if n.startswith("shard-")), names
+        if disk == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=64m", str(out.parent)], check=True, timeout=30)
+        monkeypatch.undo()  # the operator frees space
+        assert cli(*args) == 0
+        manifest = read_folder_manifest(out)
+        assert manifest["complete"] and manifest["totals"]["documents"] == len(good)
+        documents_of(out)
+    finally:
+        if disk == "tmpfs":
+            subprocess.run(["umount", "-l", str(out.parent)], capture_output=True, timeout=30)

@@ -1,7 +1,10 @@
 """solo.data.shards: the shard format written by ShardWriter and read back through megatron-core's
 IndexedDataset, and the errors open_shard gives for damaged shards."""
 
+import errno
+import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -11,6 +14,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from solo.data.shards import (
     PATCH_ID,
     PackedSample,
+    PatchesInFile,
     ShardError,
     ShardWriter,
     list_shards,
@@ -121,6 +125,117 @@ def test_files_are_renamed_into_place_manifest_last(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"shard-00000.{part}.{ext}" for part in ("tokens", "loss", "pixels") for ext in ("bin", "idx")]
         + ["shard-00000.json"])
+
+
+def _patches_in_file(samples, path):
+    """The samples with their patches moved into one file, as solo-preprocess's spill holds them."""
+    f = open(path, "w+b")
+    moved, offset = [], 0
+    for s in samples:
+        spans = []
+        for p in s.patches:
+            f.write(p.tobytes())
+            spans.append(PatchesInFile(f.fileno(), offset, p.shape))
+            offset += p.nbytes
+        moved.append(PackedSample(s.tokens, s.loss_mask, s.document_lengths, spans))
+    f.flush()
+    return f, moved
+
+
+class _NoFileno:
+    """A data file with no fd, as megatron-core's MultiStorageClient (object store) files are."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def fileno(self):
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _fake_kernel_copy(monkeypatch, kernel_copy):
+    """os.copy_file_range as the file systems and sandboxes that refuse or shorten it answer."""
+    real, calls = os.copy_file_range, []
+
+    def fake(src, dst, count, offset_src=None, *args):
+        calls.append(count)
+        if kernel_copy == "unsupported":  # across file systems on some kernels
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        if kernel_copy == "seccomp":  # a seccomp filter that does not know the call
+            raise OSError(errno.EPERM, "Operation not permitted")
+        if len(calls) == 2:  # overlayfs / FUSE: nothing copied, though the source goes on
+            return 0
+        return real(src, dst, min(count, 100), offset_src, *args)  # short copies
+
+    monkeypatch.setattr(os, "copy_file_range", fake)
+    return calls
+
+
+@pytest.mark.parametrize("kernel_copy", ["copy_file_range", "unsupported", "seccomp", "short", "no_fileno"])
+def test_patches_in_a_file_are_stored_exactly_like_arrays(tmp_path, monkeypatch, kernel_copy):
+    calls = _fake_kernel_copy(monkeypatch, kernel_copy) if kernel_copy in ("unsupported", "seccomp", "short") else []
+    if kernel_copy == "no_fileno":
+        from megatron.core.datasets import indexed_dataset
+
+        monkeypatch.setattr(indexed_dataset, "open", lambda path, mode="r", *a, **k:
+                            _NoFileno(open(path, mode, *a, **k)) if "w" in mode else open(path, mode, *a, **k),
+                            raising=False)
+        monkeypatch.setattr(os, "copy_file_range", None)  # never called: there is no fd to copy into
+    samples = make_samples()
+    (tmp_path / "arrays").mkdir()
+    (tmp_path / "file").mkdir()
+    reference = write(tmp_path / "arrays", samples=samples)
+    spill, moved = _patches_in_file(samples, tmp_path / "spill")
+    with spill:
+        copied = write(tmp_path / "file", samples=moved)
+    for part in ("tokens", "loss", "pixels"):
+        for ext in ("bin", "idx"):
+            assert (tmp_path / "file" / f"shard-00000.{part}.{ext}").read_bytes() == \
+                (tmp_path / "arrays" / f"shard-00000.{part}.{ext}").read_bytes()
+    shard = open_shard(copied, verify_checksum=True)
+    for i, expected in enumerate(samples):
+        for got, want in zip(shard.sample(i).patches, expected.patches, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert shard.manifest["files"] == open_shard(reference).manifest["files"]
+    if kernel_copy in ("unsupported", "seccomp"):  # refused once, then read and written to the end
+        assert len(calls) == 3  # one per image
+    elif kernel_copy == "short":  # images of 288, 48, 288 bytes, at most 100 per call, the 2nd answering 0
+        assert len(calls) >= 5
+
+
+def test_a_source_that_really_ends_early_is_a_shard_error(tmp_path):
+    samples = make_samples()
+    spill, moved = _patches_in_file(samples, tmp_path / "spill")
+    p = moved[2].patches[0]
+    moved[2].patches[0] = PatchesInFile(p.fd, p.offset + 48, p.shape)  # one patch past the end
+    writer = ShardWriter(tmp_path / "shard-00000", P, SEQ)
+    with spill, pytest.raises(ShardError, match="shard-00000: cannot write .*source file ended 48 bytes early"):
+        for s in moved:
+            writer.add_sample(s)
+    writer.abort()
+
+
+def test_a_full_disk_during_the_kernel_copy_is_a_shard_error_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "copy_file_range", full)
+    spill, moved = _patches_in_file(make_samples(), tmp_path / "spill")
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out / "shard-00000", P, SEQ)
+    with spill, pytest.raises(ShardError, match="shard-00000: cannot write the shard .*No space left"):
+        for s in moved:
+            writer.add_sample(s)
+    writer.abort()
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize("change, message", [

@@ -29,7 +29,8 @@ Reading: `list_shards(folder)` -> the complete, non-empty shard prefixes, sorted
 `open_shard(prefix, verify_checksum=False)` -> `Shard` (a ShardError names the shard and the fault:
 missing or resized files, checksum mismatch, tokens/loss index disagreement, ...); `len(shard)`
 packed samples; `shard.sample(i)` -> `PackedSample` (tokens, loss_mask, document_lengths, patches);
-`shard.manifest`; `read_folder_manifest(folder)`. Writing: `ShardWriter` (used by solo-preprocess).
+`shard.manifest`; `read_folder_manifest(folder)`. Writing: `ShardWriter` (used by solo-preprocess),
+which takes patches as arrays or as `PatchesInFile` (a byte range of a file, copied by the kernel).
 
 megatron-core is imported inside the functions that need it: importing it costs seconds (it pulls
 in torch and the whole core package), and the preprocessing CLI must answer argument errors and
@@ -38,6 +39,8 @@ in torch and the whole core package), and the preprocessing CLI must answer argu
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -57,7 +60,15 @@ CHECKSUM = "xxh3_128"
 
 
 class ShardError(ValueError):
-    """A shard or shard folder that cannot be used; the message names it."""
+    """A shard or shard folder that cannot be used; the message names it. `errno`: that of the OS
+    error behind it (ENOSPC: a full disk), kept when pickled (a pool worker raises it)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+    def __reduce__(self):
+        return type(self), (str(self), self.errno)
 
 
 @dataclass
@@ -65,7 +76,78 @@ class PackedSample:
     tokens: np.ndarray  # int32 [n]
     loss_mask: np.ndarray  # uint8 [n]
     document_lengths: list[int]  # sums to n
-    patches: list[np.ndarray] = field(default_factory=list)  # uint8 (n_patches, 3P²) per image
+    patches: list[np.ndarray | PatchesInFile] = field(default_factory=list)  # uint8 (n_patches, 3P²) per image
+
+
+@dataclass(frozen=True)
+class PatchesInFile:
+    """uint8 patches of `shape` stored at byte `offset` of the open file `fd`, for
+    `ShardWriter.add_sample`: it copies them file to file inside the kernel (os.copy_file_range)
+    instead of through this process's memory, which saves ~10% of image preprocessing. Where the
+    kernel cannot (see `_NO_KERNEL_COPY`), or the shard's file has no fd, the bytes are read and
+    written instead: same shard, byte for byte."""
+
+    fd: int
+    offset: int
+    shape: tuple[int, int]
+    dtype = np.dtype(np.uint8)
+    ndim = 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+# copy_file_range errors that mean "not here, not between these files": the read/write fallback
+# copies instead. EXDEV: across file systems before Linux 5.3 (and again since 5.19); EINVAL,
+# EOPNOTSUPP: file systems without it; ENOSYS: kernels before 4.5; EPERM: seccomp filters that
+# do not know the call (older Docker and libseccomp); EBADF, ETXTBSY: fds the call refuses
+# (O_APPEND, swap files).
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM,
+                             errno.EBADF, errno.ETXTBSY})
+_CHUNK = 1 << 24
+
+
+def _copy_file_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
+    """Append `nbytes` at `offset` of src to dst (at its current position)."""
+    kernel = hasattr(os, "copy_file_range")  # not on macOS or Windows
+    while nbytes:
+        n = 0
+        if kernel:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, nbytes, offset)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+        if n == 0:
+            # Also when the kernel copied nothing: some file systems (overlayfs, FUSE, procfs-like)
+            # answer 0 before the end of the file. Only pread can tell the file really ends there.
+            data = os.pread(src_fd, min(nbytes, _CHUNK), offset)
+            if not data:
+                raise OSError(errno.EIO, f"source file ended {nbytes} bytes early (at byte {offset})")
+            n = os.write(dst_fd, data)
+        offset, nbytes = offset + n, nbytes - n
+
+
+def _read_patches(p: PatchesInFile) -> np.ndarray:
+    """The patches `p` points at, read into memory (for a data file that has no fd)."""
+    out = np.empty(p.nbytes, np.uint8)
+    done = 0
+    while done < p.nbytes:
+        data = os.pread(p.fd, min(p.nbytes - done, _CHUNK), p.offset + done)
+        if not data:
+            raise OSError(errno.EIO, f"source file ended {p.nbytes - done} bytes early (at byte {p.offset + done})")
+        out[done:done + len(data)] = np.frombuffer(data, np.uint8)
+        done += len(data)
+    return out
+
+
+def _fileno(f) -> int | None:
+    try:
+        return f.fileno()
+    except (AttributeError, io.UnsupportedOperation):  # e.g. megatron-core's MultiStorageClient files
+        return None
 
 
 def checksum_file(path: str | Path) -> str:
@@ -100,8 +182,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
     try:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         _fsync_replace(tmp, path)
-    except OSError:
+    except OSError as e:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: no half-written temporary stays behind
+        if e.filename is None:  # a failed write or flush names no file
+            e.filename = str(tmp)
         raise
     fsync_dir(path.parent)
 
@@ -112,7 +196,7 @@ def _writing(prefix: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise ShardError(f"{prefix}: cannot write the shard ({e})") from e
+        raise ShardError(f"{prefix}: cannot write the shard ({e})", e.errno) from e
 
 
 class ShardWriter:
@@ -163,7 +247,7 @@ class ShardWriter:
         lengths = [int(n) for n in sample.document_lengths]
         tokens = np.asarray(sample.tokens, dtype=np.int32)
         loss = np.asarray(sample.loss_mask, dtype=np.uint8)
-        patches = [np.asarray(p) for p in sample.patches]
+        patches = [p if isinstance(p, PatchesInFile) else np.asarray(p) for p in sample.patches]
         self._check(tokens, loss, lengths, patches)
         with _writing(self.prefix):
             # IndexedDatasetBuilder.add_document takes any array-like (it calls numpy.array on it).
@@ -171,9 +255,19 @@ class ShardWriter:
             self.builders["loss"].add_document(loss, lengths)
             # Pixels image by image: concatenating a sample's images first would allocate ~100 MB
             # per sample, and fresh pages cost more than the copies themselves.
+            pixels = self.builders["pixels"]
+            fd = _fileno(pixels.data_file)
             for p in patches:
-                self.builders["pixels"].add_item(self._torch.from_numpy(np.ascontiguousarray(p).reshape(-1)))
-            self.builders["pixels"].end_document()
+                if isinstance(p, PatchesInFile) and fd is not None:
+                    # What add_item does, minus its two copies in memory: bytes, then the length.
+                    pixels.data_file.flush()
+                    _copy_file_range(p.fd, fd, p.offset, p.nbytes)
+                    pixels.data_file.seek(0, os.SEEK_END)  # the buffered file object learns the new end
+                    pixels.sequence_lengths.append(p.nbytes)
+                else:
+                    array = _read_patches(p) if isinstance(p, PatchesInFile) else np.ascontiguousarray(p).reshape(-1)
+                    pixels.add_item(self._torch.from_numpy(array))
+            pixels.end_document()
         c = self.counts
         c["samples"] += 1
         c["sequences"] += len(lengths)

@@ -6,15 +6,18 @@
     solo-preprocess html     --input 'websight/*.parquet' --output shards/websight
     solo-preprocess sft      --input llava.json --images llava/images --output shards/llava
     solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama
-    solo-preprocess stats shards/cc3m
+    solo-preprocess stats shards/cc3m [--per-shard]
 
 argparse lives here only. Arguments and inputs are checked before any work: a wrong one exits
-with status 2 and a message naming the path.
+with status 2 and a message naming the path. So does an OS error during the run (a full disk, an
+unreadable input): one line naming the file, no half-written shard left, and the same command
+run again resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import logging
 import os
@@ -39,6 +42,14 @@ SCHEMAS = {
 STREAM_KINDS = {"captions": STREAM_SUFFIXES, "html": STREAM_SUFFIXES, "text": (".jsonl", ".jsonl.zst", ".parquet")}
 
 
+def usable_cpus() -> int:
+    # The CPU set SLURM, a cgroup cpuset or taskset gives this process, not the machine's cores:
+    # on a shared node os.cpu_count() would start a worker per core of the whole node.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output", required=True, help="folder of shards (created; a rerun resumes it)")
@@ -47,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seq-length", type=int, default=32768, help="tokens per packed sample")
     common.add_argument("--patch-size", type=int, default=32)
     common.add_argument("--max-side", type=int, default=1024, help="longest image side after resizing")
-    common.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    common.add_argument("--workers", type=int, default=usable_cpus(),
+                        help="processes (default: the CPUs this process may run on)")
     common.add_argument("--shard-size", type=int, default=None,
                         help="records per shard (default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_SHARD_SIZE.items()) + ")")
@@ -70,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", parents=[common], help="LLaVA-style conversation JSON")
     p.add_argument("--input", required=True, help="JSON list of {id, image, conversations}")
     p.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
-    p = sub.add_parser("stats", help="summary of a shard folder")
+    p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
+    p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
     return parser
 
 
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stats":
             from solo_preprocess.stats import render
 
-            print(render(args.folder))
+            print(render(args.folder, per_shard=args.per_shard))
             return 0
         _check_options(args)
         source = build_source(args)
@@ -154,12 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side)
         run(source, layout, options, Path(args.output), args.workers)
     except (InputError, UsageError, ShardError) as e:
-        print(f"solo-preprocess: error: {e}", file=sys.stderr)
+        print(f"solo-preprocess: error: {e}{_disk_full(getattr(e, 'errno', None))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # reading an input, or writing the spill file or manifest.json
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"solo-preprocess: error: {where}{e.strerror or e}{_disk_full(e.errno)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("solo-preprocess: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130
     return 0
+
+
+def _disk_full(error_number: int | None) -> str:
+    if error_number == errno.ENOSPC:
+        return " (disk full: free space, then rerun the same command to finish)"
+    return ""
 
 
 if __name__ == "__main__":

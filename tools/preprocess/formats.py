@@ -1,11 +1,13 @@
-"""Streamed input files -> records: webdataset tars (tarfile), JSONL and `.jsonl.zst` (zstandard),
-Parquet (pyarrow).
+"""Streamed input files -> records: webdataset tars (`webdataset.py`), JSONL and `.jsonl.zst`
+(zstandard), Parquet (pyarrow).
 
 Each reader yields one `Record` per input record, in file order, including the records that are
-unusable as read (they carry `error = (reason, detail)` and are counted as skipped). A damaged file
-(truncated or corrupt tar / `.zst`) yields the good records before the damage and then one record
-carrying the damage. `count_records` runs the same iteration without reading payloads, so a
-record's index in a file is the same in the planning pass and in the shard that reads it.
+unusable as read (they carry `error = (reason, detail)` and are counted as skipped). A truncated or
+corrupt `.zst` yields the good records before the damage and then one record carrying the damage;
+a tar reads on past a damaged member header (see `webdataset.py`). `count_records` runs the same
+iteration without reading payloads, so a record's index in a file is the same in the planning pass
+and in the shard that reads it. Record keys are `label:record`, the label being the file's path
+relative to the run's inputs (SlimPajama has a `example_train_0.jsonl.zst` in every chunk folder).
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ class InputError(ValueError):
 
 @dataclass
 class Record:
-    key: str  # "file:record" for logs
+    key: str  # "file:record" for logs (file: the path relative to the run's inputs)
     image: bytes | str | None = None  # encoded bytes or a file path
     text: str | None = None
     conversations: list | None = None
@@ -49,15 +49,16 @@ def count_records(kind: str, path: str) -> int:
     fmt = stream_format(path)
     if fmt == ".parquet":
         return _parquet_count(kind, path)
-    return sum(1 for _ in _stream(kind, path, first=None))
+    return sum(1 for _ in _stream(kind, path, None, path))
 
 
-def read_records(kind: str, path: str, start: int, stop: int | None) -> Iterator[Record]:
-    """Records start..stop-1 of `path` (stop None: to the end)."""
+def read_records(kind: str, path: str, start: int, stop: int | None, label: str | None = None) -> Iterator[Record]:
+    """Records start..stop-1 of `path` (stop None: to the end), keyed `label:record` (label: `path`)."""
+    label = path if label is None else label
     if stream_format(path) == ".parquet":
-        yield from _parquet_records(kind, path, start, stop)
+        yield from _parquet_records(kind, path, start, stop, label)
         return
-    records = _stream(kind, path, first=start)
+    records = _stream(kind, path, start, label)
     for i, record in enumerate(records):
         if stop is not None and i >= stop:
             break
@@ -65,87 +66,12 @@ def read_records(kind: str, path: str, start: int, stop: int | None) -> Iterator
             yield record
 
 
-def _stream(kind: str, path: str, first: int | None) -> Iterator[Record]:
+def _stream(kind: str, path: str, first: int | None, label: str) -> Iterator[Record]:
     """Every record of a tar or JSONL file; payloads are read from record `first` on (None: never)."""
-    reader = _tar_records if stream_format(path) == ".tar" else _jsonl_records
-    return reader(kind, path, float("inf") if first is None else first)
+    from solo_preprocess.webdataset import tar_records  # here: webdataset.py imports Record from this module
 
-
-# -- webdataset tar ----------------------------------------------------------------------------
-
-def _split_key(name: str) -> tuple[str, str]:
-    # webdataset: the key is the path up to the first dot of the file name.
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
-
-
-def _unsafe(name: str) -> bool:
-    return name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/")
-
-
-def _tar_records(kind: str, path: str, first: float) -> Iterator[Record]:
-    label = os.path.basename(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.ReadError as e:
-            yield Record(f"{label}:@0", error=("corrupt_tar", f"not a readable tar ({e})"))
-            return
-        key, members, damage, index = None, {}, None, 0
-        try:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                k, ext = _split_key(m.name)
-                if k != key:  # a new key: the previous group is complete
-                    if key is not None:
-                        yield _tar_record(kind, label, key, members) if index >= first else Record(key)
-                        index += 1
-                    key, members = k, {}
-                if m.offset_data + m.size > size:
-                    raise tarfile.ReadError(f"member {m.name!r} needs {m.offset_data + m.size} bytes, file has {size}")
-                if index >= first and not _unsafe(m.name):  # never even read what an unsafe path names
-                    f.seek(m.offset_data)
-                    members[ext] = f.read(m.size)
-            # tarfile ends quietly on a short or garbage header; a complete archive ends in zero blocks.
-            f.seek(tar.offset)
-            end = f.read(tarfile.BLOCKSIZE)
-            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
-                damage = ("truncated_tar", f"no end-of-archive marker at byte {tar.offset} of {size} "
-                          "(truncated or corrupt header)")
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            damage = ("truncated_tar", str(e))
-        if damage:
-            # The group being read when the damage came may be incomplete: it goes with the damage.
-            yield Record(f"{label}:{key if key is not None else '@' + str(tar.offset)}", error=damage)
-        elif key is not None:
-            yield _tar_record(kind, label, key, members) if index >= first else Record(key)
-
-
-def _tar_record(kind: str, label: str, key: str, members: dict[str, bytes]) -> Record:
-    name = f"{label}:{key}"
-    if _unsafe(key):
-        return Record(name, error=("unsafe_path", f"member path {key!r} is absolute or leaves the archive"))
-    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-    if image_ext is None:
-        return Record(name, error=("missing_image", f"no image member ({', '.join(sorted(members)) or 'none'})"))
-    if kind == "captions" and "txt" not in members and "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except ValueError as e:
-            return Record(name, error=("bad_json", f"{key}.json: {e}"))
-        caption = meta.get("caption") if isinstance(meta, dict) else None
-        return Record(name, image=members[image_ext], text=caption)
-    text_ext = {"captions": "txt", "html": "html"}[kind]
-    if text_ext not in members:
-        return Record(name, error=("missing_text", f"no .{text_ext} member"))
-    try:
-        text = members[text_ext].decode("utf-8")
-    except UnicodeDecodeError as e:
-        return Record(name, error=("non_utf8_text", f"{key}.{text_ext}: {e}"))
-    return Record(name, image=members[image_ext], text=text)
+    reader = tar_records if stream_format(path) == ".tar" else _jsonl_records
+    return reader(kind, path, float("inf") if first is None else first, label)
 
 
 # -- JSONL / .jsonl.zst ------------------------------------------------------------------------
@@ -197,8 +123,8 @@ def _lines(path: str) -> Iterator[bytes | _Damaged]:
             yield carry
 
 
-def _jsonl_records(kind: str, path: str, first: float) -> Iterator[Record]:
-    label, folder = os.path.basename(path), Path(path).parent
+def _jsonl_records(kind: str, path: str, first: float, label: str) -> Iterator[Record]:
+    folder = Path(path).parent
     for n, line in enumerate(_lines(path), 1):
         if isinstance(line, _Damaged):
             yield Record(f"{label}:@end", error=(line.reason, str(line)))
@@ -252,10 +178,9 @@ def _parquet_count(kind: str, path: str) -> int:
     return pf.metadata.num_rows
 
 
-def _parquet_records(kind: str, path: str, start: int, stop: int | None) -> Iterator[Record]:
+def _parquet_records(kind: str, path: str, start: int, stop: int | None, label: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
-    label = os.path.basename(path)
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged files
@@ -277,16 +202,30 @@ def _parquet_records(kind: str, path: str, start: int, stop: int | None) -> Iter
                     yield Record(f"{label}:{i}", error=("corrupt_parquet", f"row group {g} unreadable ({e})"))
             else:
                 for j in range(hi - lo):
+                    name = f"{label}:{lo + j}"
                     image = _parquet_image(table[image_col][j], Path(path).parent) if image_col else None
-                    yield Record(f"{label}:{lo + j}", image=image, text=table[text_col][j])
+                    if isinstance(image, _BadImage):
+                        yield Record(name, error=("bad_image_value", f"column {image_col!r} holds {image.what}, "
+                                                  "expected encoded bytes or a path"))
+                    else:
+                        yield Record(name, image=image, text=table[text_col][j])
         first += rows
         if first >= stop:
             break
 
 
-def _parquet_image(value, folder: Path) -> bytes | str | None:
+@dataclass
+class _BadImage:
+    what: str
+
+
+def _parquet_image(value, folder: Path) -> bytes | str | None | _BadImage:
     if isinstance(value, dict):  # HF datasets' Image feature
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str):
         return str(folder / value)
-    return value
+    if value is None or isinstance(value, bytes):
+        return value
+    # Anything else must not reach load_image: open() takes an int for a file descriptor, and
+    # would read (and then close) one of this process's own files.
+    return _BadImage(f"{type(value).__name__} {str(value)[:40]}")

@@ -85,7 +85,11 @@ def folder_manifest(out: Path, spec: dict, spec_sha: str, planned: int, done: di
 
 
 def remove_stale_temps(out: Path) -> None:
-    """Temp files of a killed run (never visible as shards): removed before writing again."""
+    """What a killed or failed run leaves (never visible as shards), removed before writing again:
+    temp files, and the parts of a shard stopped while renaming them, before its manifest."""
     for stale in out.glob(".tmp-*"):
         stale.unlink()
+    for part in out.glob("shard-*.*.*"):  # shard-00003.tokens.bin, ...
+        if not (out / f"{part.name.split('.')[0]}.json").exists():
+            part.unlink()
     fsync_dir(out)

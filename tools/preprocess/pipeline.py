@@ -5,10 +5,13 @@ options (documents shuffled with (seed, shard), packed by `packing.pack`, writte
 `solo.data.shards.ShardWriter`), so `--workers` never changes the output. A complete shard is one
 whose manifest exists; a rerun skips those, deletes stale `.tmp-*` files and writes the rest. Workers
 ask the kernel to kill them when the parent dies, so a killed run leaves no writer behind (the
-output folder's bookkeeping is in `output.py`). tqdm shows records/s and tokens/s.
+output folder's bookkeeping is in `output.py`). A run that fails (a full disk, say) stops the other
+workers and removes every temporary; the CLI names the file and the rerun finishes the folder.
+tqdm shows records/s and tokens/s.
 
 Decoded patches are large (3 KiB per vision token), so a worker spills them to a temporary file in
-arrival order and copies them into the shard in packed order: memory stays at the token arrays.
+arrival order and the kernel copies them into the shard in packed order (os.copy_file_range):
+memory stays at the token arrays, and the patches never pass through this process again.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import sys
 import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from solo.data.shards import PackedSample, ShardWriter
+from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
 from solo_preprocess import __version__, output
 from solo_preprocess.documents import Document, Layout, Skip, build
 from solo_preprocess.packing import pack
@@ -51,28 +55,41 @@ def shard_prefix(out: Path, k: int) -> Path:
 # -- one shard ---------------------------------------------------------------------------------
 
 class _Spill:
-    """Patches in arrival order on disk; `reader` maps them back without holding them in memory."""
+    """Patches in arrival order on disk; `add` returns where they are, as `PatchesInFile` that
+    ShardWriter copies into the shard inside the kernel."""
 
     def __init__(self, path: Path):
         self.path, self.file, self.offset = path, None, 0
 
-    def add(self, patches: np.ndarray) -> tuple[int, tuple[int, int]]:
-        if self.file is None:
-            self.file = open(self.path, "wb")
-        self.file.write(np.ascontiguousarray(patches).data)
+    def add(self, patches: np.ndarray) -> PatchesInFile:
+        with self._named():
+            if self.file is None:
+                self.file = open(self.path, "w+b")
+            self.file.write(np.ascontiguousarray(patches).data)
         start, self.offset = self.offset, self.offset + patches.nbytes
-        return start, patches.shape
+        return PatchesInFile(self.file.fileno(), start, patches.shape)
 
-    def reader(self) -> np.ndarray | None:
-        if self.file is None:
-            return None
-        self.file.close()
-        # Copy-on-write mapping: writable views (torch.from_numpy wants them), nothing is copied.
-        return np.memmap(self.path, dtype=np.uint8, mode="c") if self.offset else None
+    def finish_writing(self) -> None:
+        if self.file is not None:
+            with self._named():
+                self.file.flush()
+
+    @contextmanager
+    def _named(self):
+        # A failed write (ENOSPC) names no file; the CLI's error must say which disk is full.
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.path)
+            raise
 
     def remove(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()  # flushing what is buffered to a full disk fails again (and closes)
+            except OSError:
+                pass
         self.path.unlink(missing_ok=True)
 
 
@@ -110,17 +127,15 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
         # A seed-determined document order, the same for any number of workers.
         order = np.random.default_rng([options.seed, task.index]).permutation(len(docs))
         bins = pack([len(docs[i][0]) for i in order], options.seq_length)
-        pixels = spill.reader()
+        spill.finish_writing()
         for b in bins:
             chosen = [docs[order[j]] for j in b]
             writer.add_sample(PackedSample(
                 tokens=np.concatenate([d[0] for d in chosen]),
                 loss_mask=np.concatenate([d[1] for d in chosen]),
                 document_lengths=[len(d[0]) for d in chosen],
-                patches=[pixels[start:start + shape[0] * shape[1]].reshape(shape)
-                         for d in chosen for start, shape in d[2]],
+                patches=[p for d in chosen for p in d[2]],
             ))
-        del pixels
         manifest = writer.finish({
             "tool": "solo-preprocess", "tool_version": __version__, "shard": task.index,
             "shards_planned": shards_planned, "source": {"kind": spec_kind, "input": source.input, **task.description},
@@ -219,7 +234,7 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
     """Write every missing shard of `source` into `out`; returns the folder manifest."""
     out.mkdir(parents=True, exist_ok=True)
     lock = output.lock(out)
-    pool = None
+    pool = progress = None
     try:
         _import_megatron()
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
@@ -263,13 +278,28 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
             while not queue.empty():
                 progress.advance(*queue.get())
         progress.close()
+        progress = None
         manifest = write_manifest()
         t = manifest["totals"]
         log.info("done: %d shards, %d documents -> %d samples, fill %.2f%%, %d skipped %s",
                  len(done), t["documents"], t["samples"], 100 * t["fill"], sum(manifest["skipped"].values()),
                  manifest["skipped"] or "")
         return manifest
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+            pool = None
+        # Workers stopped mid-shard (SIGTERM runs none of their cleanup) leave spill and shard
+        # temporaries: removed here, under the lock, so a failed run leaves nothing half-written.
+        try:
+            output.remove_stale_temps(out)
+        except OSError:
+            pass  # the error being raised says more; the rerun removes them
+        raise
     finally:
+        if progress is not None:
+            progress.close()  # the error message starts on a line of its own
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -151,8 +151,12 @@ class StreamSource:
                           for f, n in zip(self.files, self.counts or [None] * len(self.files))]}
 
     def read(self, segments: list[tuple[int, int, int]]) -> Iterator[Record]:
+        # Records are named by their file's path below the inputs' common folder: basenames repeat
+        # (SlimPajama's chunk1..chunk10 hold the same file names).
+        root = os.path.commonpath([os.path.dirname(f) for f in self.files])
         for file_index, start, stop in segments:
-            yield from read_records(self.kind, self.files[file_index], start, stop)
+            path = self.files[file_index]
+            yield from read_records(self.kind, path, start, stop, os.path.relpath(path, root))
 
 
 def _count(args: tuple[str, str]) -> int:

@@ -1,4 +1,5 @@
-"""`solo-preprocess stats DIR`: a Table-1-like summary of a shard folder, from the manifests only."""
+"""`solo-preprocess stats DIR [--per-shard]`: a Table-1-like summary of a shard folder (its totals;
+a row per shard with --per-shard: a folder holds thousands), from the manifests only."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def _read(prefix: str) -> dict:
         raise ShardError(f"{prefix}.json: unreadable shard manifest ({e})") from e
 
 
-def render(folder: str | Path) -> str:
+def render(folder: str | Path, per_shard: bool = False) -> str:
+    """The folder's totals (a row per shard above them with `per_shard`) and skips by reason."""
     prefixes = list_shards(folder, include_empty=True)
     if not prefixes:
         raise ShardError(f"{folder}: no complete shards")
@@ -33,15 +35,17 @@ def render(folder: str | Path) -> str:
         skipped.update(m.get("skipped", {}))
         capacity += counts.get("samples", 0) * m.get("seq_length", 0)
     total_fill = total["tokens"] / capacity if capacity else 0.0
+    rows = rows if per_shard else []
     rows.append(("total", {**total, "fill": total_fill}, sum(skipped.values())))
-    header = ["shard"] + [title for _, title in COLUMNS] + ["fill", "skipped"]
+    header = ["shard" if per_shard else ""] + [title for _, title in COLUMNS] + ["fill", "skipped"]
     table = [header] + [[name] + [f"{c.get(k, 0):,}" for k, _ in COLUMNS] + [f"{100 * c.get('fill', 0):.2f}%", f"{s:,}"]
                         for name, c, s in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in table]
     lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if per_shard:
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
     first = manifests[0][1]
     source = first.get("source", {}).get("kind", "?")
     lines.insert(0, f"{folder}: {source}, seq_length {first.get('seq_length')}, patch {first.get('patch_size')}, "
