@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m solo.demo --out "${DEMO_OUT:-demo_out}" "$@"
+exec "${PYTHON:-python3}" -m solo.demo --out "${DEMO_OUT:-demo_out}" "$@"

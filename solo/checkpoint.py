@@ -60,6 +60,7 @@ def fault_injected(point: str, step: int) -> bool:
     Comma-separated, e.g. `SOLO_FAULT_INJECT=nonfinite_loss@step=3`. Points:
     * `nonfinite_loss`: solo.train multiplies that step's per-token loss by NaN inside the forward
       step, so the loss and every gradient are NaN, as in a real divergence;
+    * `nonfinite_grad`: solo.train makes that step's gradients NaN while its loss stays finite;
     * `crash_in_save`: every rank SIGKILLs itself once that step's tensors are written, before the
       rename that commits the checkpoint.
     """

@@ -116,6 +116,10 @@ def train(cfg: TrainConfig) -> dict:
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
             bf16=bf16, params_dtype=config.params_dtype, use_distributed_optimizer=p.use_distributed_optimizer,
+            # A constant loss scale of 1 changes no number (the loss is never multiplied by it here)
+            # but turns on megatron-core's inf/NaN check of the gradients: a step whose gradients
+            # are not finite is skipped inside optimizer.step() instead of writing NaN into weights.
+            loss_scale=1.0,
         ),
         [ddp],
     )
@@ -157,21 +161,30 @@ def train(cfg: TrainConfig) -> dict:
         forward_step = partial(_forward_step, model.backend)
         if fault_injected("nonfinite_loss", step + 1):
             forward_step = _nan_loss(forward_step)
+        if fault_injected("nonfinite_grad", step + 1):
+            forward_step = _nan_grad(forward_step)
         reduced = forward_backward(
             forward_step_func=forward_step, data_iterator=iter(batches),
             model=[ddp], num_microbatches=microbatches, seq_length=data.seq_length,
             micro_batch_size=cfg.micro_batch_size, forward_only=False,
         )
         stats = _reduce_stats(reduced, batches)
+        position = (f"at step {step + 1} (data position: blend samples {step * cfg.global_batch_size}.."
+                    f"{(step + 1) * cfg.global_batch_size - 1})")
         if not math.isfinite(stats["loss"]):
-            where = (f"non-finite loss {stats['loss']} at step {step + 1} (data position: blend samples "
-                     f"{step * cfg.global_batch_size}..{(step + 1) * cfg.global_batch_size - 1})")
-            if cfg.nonfinite_loss == "stop":
-                raise NonFiniteLoss(f"{where}; stopping. The last good checkpoint is {last_saved}")
-            log.info(f"{where}; skipping this batch (nonfinite_loss=skip)")
-            grad_norm = float("nan")
+            fault, weights_touched = f"non-finite loss {stats['loss']} {position}", False
         else:
-            _, grad_norm, _ = optimizer.step()
+            updated, grad_norm, _ = optimizer.step()
+            # Not updated: megatron-core found inf/NaN gradients and skipped the step. Updated with a
+            # non-finite norm: the FP32Optimizer (no distributed optimizer) has no such check.
+            fault = None if updated and math.isfinite(grad_norm) else (
+                f"non-finite gradients {position} with a finite loss {stats['loss']:.4f}")
+            weights_touched = updated
+        if fault:
+            if cfg.nonfinite_loss == "stop" or weights_touched:
+                raise NonFiniteLoss(f"{fault}; stopping. The last good checkpoint is {last_saved}")
+            log.info(f"{fault}; skipping this batch (nonfinite_loss=skip)")
+            grad_norm = float("nan")
         scheduler.step(increment=1)
         step += 1
         elapsed = time.perf_counter() - started
@@ -208,6 +221,27 @@ def _nan_loss(forward_step):
     def poisoned(data_iterator, model):
         per_token_loss, loss_func = forward_step(data_iterator, model)
         return per_token_loss * float("nan"), loss_func
+    return poisoned
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: gradients diverge while the loss stays finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _nan_grad(forward_step):
+    """Fault injection (SOLO_FAULT_INJECT=nonfinite_grad@step=N): that step's gradients are NaN and
+    its loss is not, as when a bad batch overflows in backward only."""
+    def poisoned(data_iterator, model):
+        per_token_loss, loss_func = forward_step(data_iterator, model)
+        return _NaNGradient.apply(per_token_loss), loss_func
     return poisoned
 
 

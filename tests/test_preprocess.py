@@ -39,6 +39,7 @@ from solo_preprocess.documents import Layout, Skip, build
 from solo_preprocess.formats import Record
 from solo_preprocess.packing import fill_ratio, pack
 from solo_preprocess.sources import load_synsets
+from tests.tmpfs import mount_tmpfs, resize_tmpfs, unmount
 
 SKIMAGE = os.path.dirname(skimage.data.__file__)
 PHOTOS = {"astronaut.png": "astronaut", "chelsea.png": "tabby cat", "coffee.png": "coffee cup",
@@ -601,15 +602,6 @@ class _FullSpill:
         return f
 
 
-def _mount_tmpfs(folder, size):
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                       check=True, capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"needs permission to mount a small tmpfs for a real full disk ({e})")
-
-
 @pytest.mark.parametrize("disk", ["spill", "manifest", "tmpfs"])
 def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(imagenet, tmp_path, monkeypatch, capsys, disk):
     root, good = imagenet
@@ -617,7 +609,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(imagenet, 
             *OPTS[:-2], "--workers", 2, "--output", tmp_path / "disk" / "out"]
     out = tmp_path / "disk" / "out"
     if disk == "tmpfs":  # a real one: whichever write comes first fails (spill, shard or manifest)
-        _mount_tmpfs(out.parent, "1m")
+        mount_tmpfs(out.parent, "1m")
     elif disk == "spill":
         monkeypatch.setattr(pipeline, "open", _FullSpill(400_000).open, raising=False)
     else:
@@ -647,7 +639,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(imagenet, 
         assert not [n for n in names if n.startswith(".tmp-")], names
         assert all(n.split(".")[0] in complete for n in names if n.startswith("shard-")), names
         if disk == "tmpfs":
-            subprocess.run(["mount", "-o", "remount,size=64m", str(out.parent)], check=True, timeout=30)
+            resize_tmpfs(out.parent, "64m")
         monkeypatch.undo()  # the operator frees space
         assert cli(*args) == 0
         manifest = read_folder_manifest(out)
@@ -655,4 +647,4 @@ def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(imagenet, 
         documents_of(out)
     finally:
         if disk == "tmpfs":
-            subprocess.run(["umount", "-l", str(out.parent)], capture_output=True, timeout=30)
+            unmount(out.parent)

@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 
 from tests.shard_fixtures import write_sources
 from tests.test_train import run_train_single_process, stage_config
+from tests.tmpfs import mount_tmpfs, resize_tmpfs, unmount
 from tests.torchrun import free_port, torchrun
 
 STEPS = 6  # train_steps of every run compared with the reference
@@ -251,30 +252,17 @@ def test_crash_during_checkpoint_write_keeps_the_previous_checkpoint(root, refer
 
 # -- 4. Disk full ------------------------------------------------------------------------------
 
-def _mount_tmpfs(folder: Path, size: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                       check=True, capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"needs permission to mount a small tmpfs for a real full disk ({e})")
-
-
-def _resize_tmpfs(folder: Path, size: str) -> None:  # the operator frees space
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True, timeout=30)
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     disk = tmp_path / "disk"
     yield disk
-    subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+    unmount(disk)
 
 
 @pytest.mark.distributed
 def test_disk_full_during_checkpoint_is_a_clear_error_and_a_rerun_completes(root, reference, small_disk):
     # One checkpoint is ~70 MB: the step-2 checkpoint fits in 100 MB, step 4's does not.
-    _mount_tmpfs(small_disk, "100m")
+    mount_tmpfs(small_disk, "100m")
     save_dir = small_disk / "run"
     cfg = config(root, save_dir, keep_checkpoints=2)
     proc = launch(cfg)
@@ -286,7 +274,7 @@ def test_disk_full_during_checkpoint_is_a_clear_error_and_a_rerun_completes(root
     assert sorted(p.name for p in save_dir.iterdir()) == ["iter_0000002", "latest", "metrics.jsonl"]
     assert latest(save_dir) == "iter_0000002"
     assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
-    _resize_tmpfs(small_disk, "320m")
+    resize_tmpfs(small_disk, "320m")
     torchrun("-m solo.train", 2, cfg)
     assert_resumed_exactly(save_dir, reference)
 
@@ -337,7 +325,7 @@ def test_disk_full_while_writing_shards_is_a_clear_error_and_a_rerun_completes(r
     reference = [s.sample(i) for s in map(open_shard, list_shards(root / "shards" / "text")) for i in range(len(s))]
     out = tmp_path / "disk" / "text"
     if disk == "tmpfs":
-        _mount_tmpfs(out.parent, "160k")
+        mount_tmpfs(out.parent, "160k")
     else:
         full = _FullDisk(60_000)  # the text shards take ~100 kB
         monkeypatch.setattr(indexed_dataset, "open", full.open, raising=False)
@@ -355,7 +343,7 @@ def test_disk_full_while_writing_shards_is_a_clear_error_and_a_rerun_completes(r
         complete = {Path(p).name for p in written}
         assert all(f.name.split(".")[0] in complete for f in out.iterdir()), sorted(f.name for f in out.iterdir())
         if disk == "tmpfs":
-            _resize_tmpfs(out.parent, "4m")  # the operator frees space
+            resize_tmpfs(out.parent, "4m")  # the operator frees space
         else:
             full.budget = 1 << 30
         for k, samples in enumerate(shards):  # the rerun: complete shards are skipped
@@ -368,7 +356,7 @@ def test_disk_full_while_writing_shards_is_a_clear_error_and_a_rerun_completes(r
                    for a, b in zip(reread, reference, strict=True))
     finally:
         if disk == "tmpfs":
-            subprocess.run(["umount", "-l", str(out.parent)], capture_output=True, timeout=30)
+            unmount(out.parent)
 
 
 def test_disk_full_while_writing_json_leaves_no_temporary(tmp_path, monkeypatch):
@@ -470,29 +458,39 @@ def test_solo_train_refuses_a_corrupted_shard_with_exit_2_before_any_step(root, 
 
 # -- 6. A loss that turns NaN ------------------------------------------------------------------
 
+# The loss itself turns NaN, or only the gradients do (the loss of that step is finite): megatron-core's
+# gradient check (a constant loss scale of 1) must catch the second before it reaches the weights.
+FAULTS = {"nonfinite_loss": r"non-finite loss nan at step 3 \(data position: blend samples 8..11\)",
+          "nonfinite_grad": r"non-finite gradients at step 3 \(data position: blend samples 8..11\) with a finite "
+                            r"loss \d+\.\d{4}"}
+
+
 @pytest.mark.distributed
-def test_nonfinite_loss_stops_with_step_and_data_position_and_keeps_the_last_checkpoint(root, reference):
-    save_dir = root / "runs" / "nan-stop"
-    proc = launch(config(root, save_dir), env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=3"})
+@pytest.mark.parametrize("fault", FAULTS)
+def test_nonfinite_loss_stops_with_step_and_data_position_and_keeps_the_last_checkpoint(root, reference, fault):
+    save_dir = root / "runs" / f"{fault}-stop"
+    proc = launch(config(root, save_dir), env={"SOLO_FAULT_INJECT": f"{fault}@step=3"})
     log = output(proc)
     assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*3\b", log), log[-4000:]
-    assert (f"solo-train: non-finite loss nan at step 3 (data position: blend samples 8..11); stopping. "
-            f"The last good checkpoint is {save_dir / 'iter_0000002'}") in log, log[-4000:]
+    assert re.search(f"solo-train: {FAULTS[fault]}; stopping. The last good checkpoint is "
+                     + re.escape(str(save_dir / "iter_0000002")), log), log[-4000:]
     assert losses(save_dir) == losses(reference)[:2]  # the NaN step is reported, never logged as a step
     assert latest(save_dir) == "iter_0000002"
     assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
 
 
 @pytest.mark.distributed
-def test_nonfinite_loss_skip_leaves_the_weights_of_that_step_unchanged(root):
-    save_dir = root / "runs" / "nan-skip"
+@pytest.mark.parametrize("fault", FAULTS)
+def test_nonfinite_loss_skip_leaves_the_weights_of_that_step_unchanged(root, fault):
+    save_dir = root / "runs" / f"{fault}-skip"
     cfg = config(root, save_dir, train_steps=4, save_interval_steps=1, keep_checkpoints=4, nonfinite_loss="skip")
-    proc = launch(cfg, env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=3"})
+    proc = launch(cfg, env={"SOLO_FAULT_INJECT": f"{fault}@step=3"})
     log = output(proc)
     assert proc.returncode == 0, log[-4000:]
-    assert "non-finite loss nan at step 3 (data position: blend samples 8..11); skipping this batch" in log
+    assert re.search(f"{FAULTS[fault]}; skipping this batch", log), log[-4000:]
     curve = losses(save_dir)
-    assert len(curve) == 4 and np.isnan(curve[2]) and np.isfinite([curve[0], curve[1], curve[3]]).all()
+    assert len(curve) == 4 and np.isfinite([curve[0], curve[1], curve[3]]).all()
+    assert np.isnan(curve[2]) == (fault == "nonfinite_loss")
     # Step 3 changed nothing but the schedule: weights, Adam moments and Adam step counts as after step 2.
     assert_same_state(save_dir / "iter_0000002", save_dir / "iter_0000003",
                       skip=("common/scheduler", "/lr", "rng_state"))

@@ -500,3 +500,17 @@ def test_no_file_handles_left_open(tmp_path, jpeg_bytes):
     with pytest.raises(ImageLoadError):
         load_image(bad)
     assert {f.path for f in proc.open_files()} == before
+
+
+@pytest.mark.parametrize("size", [(32, 32), (1024, 768), (96, 1024)])
+def test_patchify_reads_pil_memory_in_place_with_the_same_result(size, monkeypatch):
+    from solo.vision import _pixels
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    pixels = _pixels(image)
+    assert np.array_equal(pixels, np.asarray(image))
+    assert pixels.strides[1] == 4  # a view of PIL's own RGBX memory, not a copy
+    in_place = patchify(image)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # without pyarrow: np.asarray's copy
+    assert np.array_equal(patchify(image), in_place)
+    assert np.array_equal(in_place, patchify(np.asarray(image)))
