@@ -480,6 +480,20 @@ def test_workers_do_not_change_bytes_and_rerun_rewrites_nothing(imagenet, tmp_pa
     assert [line.split() for line in stats.splitlines() if line.startswith("total")] == [total.split()]
 
 
+def test_streamed_sources_give_the_same_bytes_for_any_worker_count(captions, tmp_path):
+    """Tars, JSONL and Parquet (with their damaged records) are read as streams and split into
+    shards by record count: the split, the order and the bytes must not depend on --workers."""
+    root, good, skipped = captions
+    args = ["captions", "--input", f"{root}/*.tar", root / "pairs.jsonl", f"{root}/*.parquet",
+            "--shard-size", 3, *OPTS[:-2]]
+    for workers in (1, 2, 3):
+        assert cli(*args, "--output", tmp_path / f"w{workers}", "--workers", workers) == 0
+    one = tree_bytes(tmp_path / "w1")
+    assert len([name for name in one if name.endswith(".json") and name.startswith("shard-")]) >= 3
+    assert one == tree_bytes(tmp_path / "w2") == tree_bytes(tmp_path / "w3")
+    assert read_folder_manifest(tmp_path / "w1")["skipped"] == dict(sorted(skipped.items()))
+
+
 def test_kill_and_resume(imagenet, tmp_path):
     root, _ = imagenet
     args = ["imagenet", "--input", root / "train", "--synsets", root / "synsets.txt", "--shard-size", 1, *OPTS[:-2]]
