@@ -226,7 +226,13 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, loa
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            scheduler.load_state_dict(state["scheduler"])
+        except AssertionError as e:  # megatron-core compares every schedule value with an assert
+            raise CheckpointError(
+                f"{checkpoint}: the config's schedule differs from the checkpoint's ({e}). A run resumes with the "
+                f"schedule it started with; to change it, start a new save_dir with init_from={checkpoint}"
+            ) from e
     if load_rng:
         rng = state["rng_state"]
         torch.set_rng_state(rng["torch"])

@@ -129,6 +129,9 @@ def train(cfg: TrainConfig) -> dict:
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=min(o.lr_warmup_steps, steps - 1),
         lr_decay_steps=steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=steps, wd_incr_style="constant",
+        # On resume the config and the checkpoint must agree (megatron-core's default would quietly
+        # keep the checkpoint's values and ignore a changed optimizer.lr or train_steps).
+        use_checkpoint_opt_param_scheduler=False,
     )
     layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
               "data_parallel": dp_size}

@@ -158,3 +158,15 @@ def test_init_from_an_unfinished_stage_is_refused(curriculum, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     check_stage_finished(unfinished / "iter_0000004", unfinished / "iter_0000004")  # named on purpose: taken
     check_stage_finished(curriculum / "runs" / "stage1", curriculum / "runs" / "stage1" / "iter_0000006")
+
+
+def test_resuming_with_another_schedule_is_a_clear_error(curriculum, tmp_path):
+    import shutil
+
+    save_dir = tmp_path / "run"
+    shutil.copytree(curriculum / "runs" / "stage1", save_dir)
+    config = stage_config(curriculum, "stage1", save_dir=save_dir)
+    proc = run_train_single_process(config, "parallel.tensor_parallel=1", "optimizer.lr=0.01")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the config's schedule differs from the checkpoint's" in proc.stderr and "init_from=" in proc.stderr
+    assert "Traceback" not in proc.stderr
