@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from solo.data.shards import PackedSample, ShardWriter, write_json_atomic
 from solo.demo_data import PHOTOS, python_docstrings, skimage_photo
 from solo.tokenizer import SOLOTokenizer
@@ -54,12 +52,7 @@ def write_source(folder: Path, docs, seq_length: int, samples_per_shard: int = 4
         prefix = folder / f"shard-{k // samples_per_shard:05d}"
         writer = ShardWriter(prefix, PATCH)
         for packed in samples[k:k + samples_per_shard]:
-            writer.add_sample(PackedSample(
-                tokens=np.concatenate([np.asarray(d[0], np.int32) for d in packed]),
-                loss_mask=np.concatenate([np.asarray(d[1], np.uint8) for d in packed]),
-                document_lengths=[len(d[0]) for d in packed],
-                patches=[p for d in packed for p in d[2]],
-            ))
+            writer.add_sample(PackedSample.of_documents(packed))
         shards.append(writer.finish({"source": folder.name, "seq_length": seq_length, "patch_size": PATCH}))
     write_json_atomic(folder / "manifest.json", {"shards": len(shards), "samples": len(samples)})
     return folder

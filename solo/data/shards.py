@@ -78,6 +78,20 @@ class PackedSample:
     document_lengths: list[int]  # sums to n
     patches: list[np.ndarray | PatchesInFile] = field(default_factory=list)  # uint8 (n_patches, 3P²) per image
 
+    @classmethod
+    def of_documents(cls, documents) -> PackedSample:
+        """Whole documents `(tokens, loss_mask, patches)` laid end to end in one sample, in order;
+        a document's `patches` is a list of its images' uint8 patch arrays, one array, or None."""
+        tokens, loss, lengths, patches = [], [], [], []
+        for doc_tokens, doc_loss, doc_patches in documents:
+            tokens.append(np.asarray(doc_tokens, dtype=np.int32))
+            loss.append(np.asarray(doc_loss, dtype=np.uint8))
+            lengths.append(len(doc_tokens))
+            if doc_patches is not None:
+                patches += [doc_patches] if isinstance(doc_patches, np.ndarray) else list(doc_patches)
+        empty = [np.zeros(0, np.int32)], [np.zeros(0, np.uint8)]
+        return cls(np.concatenate(tokens or empty[0]), np.concatenate(loss or empty[1]), lengths, patches)
+
 
 @dataclass(frozen=True)
 class PatchesInFile:

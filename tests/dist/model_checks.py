@@ -8,13 +8,13 @@
 
 import argparse
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from solo.config import ModelConfig, ParallelConfig
 from solo.data.batch import attention_inputs, collate
+from solo.data.shards import PackedSample
 from solo.distributed import destroy_distributed, init_distributed, rank
 from solo.model import PATCH_ID, build_model
 from solo.tokenizer import SOLOTokenizer
@@ -37,18 +37,6 @@ def image_document(rows, cols, caption, seed):
 def text_document(text):
     tokens = [TOK.bos_id] + TOK.encode(text) + [TOK.eos_id]
     return tokens, [0] + [1] * (len(tokens) - 1), None
-
-
-def pack(documents):
-    tokens, loss, lengths, patches = [], [], [], []
-    for t, l, p in documents:
-        tokens += t
-        loss += l
-        lengths.append(len(t))
-        if p is not None:
-            patches.append(p)
-    return SimpleNamespace(tokens=np.array(tokens, dtype=np.int32), loss_mask=np.array(loss, dtype=np.uint8),
-                           document_lengths=lengths, patches=patches)
 
 
 def standard_documents(seed=0):
@@ -80,7 +68,7 @@ def check_parity(args):
     parallel = ParallelConfig(tensor_parallel=args.tp, sequence_parallel=args.sp)
     model = build_model(MODEL, parallel, backend="local")
     ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
-    batch = collate([pack(standard_documents())], seq_length=96)
+    batch = collate([PackedSample.of_documents(standard_documents())], seq_length=96)
     per_token = run(ddp, batch, "local")
     loss = (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
     loss.backward()
@@ -113,7 +101,7 @@ def check_single(args):
     model = build_model(MODEL, ParallelConfig(), backend="local")
     docs = standard_documents()
     seq = 96
-    base = collate([pack(docs)], seq)
+    base = collate([PackedSample.of_documents(docs)], seq)
     lengths = [len(d[0]) for d in docs]
     bounds = np.cumsum([0] + lengths)
     results["position_restarts"] = all(int(base.position_ids[0, b]) == 0 for b in bounds[:-1]) and \
@@ -129,7 +117,7 @@ def check_single(args):
                                 ("middle", 1, dict(tokens=True, pixels=False))]:
             changed = list(docs)
             changed[i] = altered(docs[i], **change)
-            diff = (logits(model, collate([pack(changed)], seq), "local")[0] - ref).abs().amax(-1)
+            diff = (logits(model, collate([PackedSample.of_documents(changed)], seq), "local")[0] - ref).abs().amax(-1)
             inside = torch.zeros(seq, dtype=torch.bool)
             inside[bounds[i]:bounds[i + 1]] = True
             isolation[case] = {"changed": float(diff[inside].max()),
@@ -138,7 +126,7 @@ def check_single(args):
         results["isolation"] = isolation
         # Each document alone in its own row gives the same logits as inside the packed row.
         results["packed_vs_alone_max_diff"] = max(
-            float((logits(model, collate([pack([d])], seq), "local")[0][:n]
+            float((logits(model, collate([PackedSample.of_documents([d])], seq), "local")[0][:n]
                    - ref[bounds[i]:bounds[i + 1]]).abs().max())
             for i, (d, n) in enumerate(zip(docs, lengths))
         )
@@ -149,7 +137,7 @@ def check_single(args):
 
     # Loss mask, collate's alone: the sample marks EVERY token a target, so no loss on labels
     # >= 32000, on the first token of the next document and on padding must come from collate.
-    everything = pack(docs)
+    everything = PackedSample.of_documents(docs)
     everything.loss_mask[:] = 1
     full = collate([everything], seq)
     labels, mask = full.labels[0], full.loss_mask[0]
@@ -191,7 +179,7 @@ def check_single(args):
     results["vpatch_count"] = int((base.tokens == PATCH_ID).sum())
     for name, cut in [("too_few", lambda p: p[:-1]), ("too_many", lambda p: torch.cat([p, p[:1]]))]:
         try:
-            bad = collate([pack(docs)], seq)
+            bad = collate([PackedSample.of_documents(docs)], seq)
             bad.patches = cut(bad.patches)
             run(model, bad, "local")
             results[f"mismatch_{name}"] = ""
@@ -201,7 +189,7 @@ def check_single(args):
     # A few optimizer steps on one image-caption pair drive its loss down.
     torch.manual_seed(0)
     fresh = build_model(MODEL, ParallelConfig(), backend="local")
-    pair = collate([pack([image_document(3, 3, "a photograph of a lighthouse at dusk", 5)])], 48)
+    pair = collate([PackedSample.of_documents([image_document(3, 3, "a photograph of a lighthouse at dusk", 5)])], 48)
     optimizer = torch.optim.Adam(fresh.parameters(), lr=5e-3)
     losses = []
     for _ in range(20):
