@@ -10,7 +10,8 @@ cross entropy), tensor/sequence parallelism and the layer implementations, chose
 
 The one addition (SOLO, Sec. 2.1; the authors' ``inputs_embeds += vision_embeds``): at every
 ``<vpatch>`` position the input embedding is the ``<vpatch>`` token embedding plus a bias-free
-``Linear(3 * patch_size**2 -> hidden)`` projection of the normalized patch.
+``Linear(3 * patch_size**2 -> hidden)`` projection of the normalized patch (raw uint8 patches are
+normalized on the model's device).
 """
 
 from __future__ import annotations
@@ -25,9 +26,21 @@ from megatron.core.transformer import TransformerConfig
 
 from solo.config import ModelConfig, ParallelConfig
 from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
+from solo.vision import IMAGENET_MEAN, IMAGENET_STD
 
 BACKENDS = ("local", "flex", "te")
 PATCH_ID = SP_VOCAB_SIZE + SPECIAL_TOKENS.index("<vpatch>")  # 32001
+
+
+def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 3P²] -> float32 on their device: the float32 arithmetic of
+    `solo.vision.normalize_patches` (x/255, then ImageNet mean/std per channel), bit for bit. Done
+    here, on the GPU, because the data path then moves and holds a quarter of the bytes."""
+    n, dim = patches.shape
+    mean = torch.as_tensor(IMAGENET_MEAN, device=patches.device)[:, None]
+    std = torch.as_tensor(IMAGENET_STD, device=patches.device)[:, None]
+    x = patches.view(n, 3, dim // 3).to(torch.float32) / 255.0
+    return ((x - mean) / std).view(n, dim)
 
 
 def default_backend() -> str:
@@ -159,7 +172,8 @@ class SOLOModel(GPTModel):
 
     def _add_patch_embeddings(self, embeddings, input_ids, patches):
         """embeddings: [s_local, b, h] (sequence-parallel slice), patches: [n, patch_dim] in the
-        order their <vpatch> tokens appear in input_ids read row by row."""
+        order their <vpatch> tokens appear in input_ids read row by row, either raw uint8 (as
+        `solo.data.batch.collate` gives them; normalized here) or already normalized floats."""
         is_patch = input_ids == PATCH_ID  # [b, s]
         count = int(is_patch.sum())
         given = 0 if patches is None else patches.shape[0]
@@ -175,6 +189,8 @@ class SOLOModel(GPTModel):
                 f"patches have {patches.shape[1]} values, the model expects {self.model_config.patch_dim} "
                 f"(3 x patch_size {self.model_config.patch_size}^2)"
             )
+        if patches.dtype == torch.uint8:
+            patches = normalize_patches(patches)
         patch_index = (is_patch.flatten().cumsum(0) - 1).view_as(is_patch).t()  # [s, b]
         is_patch = is_patch.t()
         if self.config.sequence_parallel:

@@ -157,8 +157,9 @@ def train(cfg: TrainConfig) -> dict:
     while step < steps:
         started = time.perf_counter()
         samples = data.rank_batch(step, dp_rank, dp_size)
-        batches = [collate(samples[i:i + cfg.micro_batch_size], data.seq_length, pad_id).to(device())
-                   for i in range(0, len(samples), cfg.micro_batch_size)]
+        # One micro batch on the device at a time, collated when the schedule asks for it.
+        batches = (collate(samples[i:i + cfg.micro_batch_size], data.seq_length, pad_id).to(device())
+                   for i in range(0, len(samples), cfg.micro_batch_size))
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         forward_step = partial(_forward_step, model.backend)
@@ -167,11 +168,11 @@ def train(cfg: TrainConfig) -> dict:
         if fault_injected("nonfinite_grad", step + 1):
             forward_step = _nan_grad(forward_step)
         reduced = forward_backward(
-            forward_step_func=forward_step, data_iterator=iter(batches),
+            forward_step_func=forward_step, data_iterator=batches,
             model=[ddp], num_microbatches=microbatches, seq_length=data.seq_length,
             micro_batch_size=cfg.micro_batch_size, forward_only=False,
         )
-        stats = _reduce_stats(reduced, batches)
+        stats = _reduce_stats(reduced, samples, data.seq_length)
         position = (f"at step {step + 1} (data position: blend samples {step * cfg.global_batch_size}.."
                     f"{(step + 1) * cfg.global_batch_size - 1})")
         if not math.isfinite(stats["loss"]):
@@ -257,26 +258,33 @@ def _loss(batch, per_token_loss):
     return total, mask.sum().to(torch.int), {"stats": stats}
 
 
-def _reduce_stats(reduced: list, batches: list) -> dict:
+def _attended_pairs(sample, seq_length: int) -> int:
+    """(query, key) pairs the packed attention computes for one row: causal within each document,
+    the padding a document of its own (as `solo.data.batch.collate` lays it out)."""
+    lengths = list(sample.document_lengths)
+    if sum(lengths) < seq_length:
+        lengths.append(seq_length - sum(lengths))
+    return sum(n * (n + 1) // 2 for n in lengths)
+
+
+def _reduce_stats(reduced: list, samples: list, seq_length: int) -> dict:
     from megatron.core import parallel_state
 
-    stats = torch.zeros(6, device=device())
+    stats = torch.zeros(6, dtype=torch.float64, device=device())
     if reduced:  # only the last pipeline stage computes losses
         stats[:4] = torch.stack([r["stats"] for r in reduced]).sum(0)
-    if parallel_state.is_pipeline_first_stage():
-        stats[4] = sum(b.tokens.numel() for b in batches)
-        lengths = [(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() for b in batches]
-        stats[5] = sum(float((n * (n + 1) / 2).sum()) for n in lengths)
+    if parallel_state.is_pipeline_first_stage():  # counted once per pipeline
+        stats[4] = len(samples) * seq_length
+        stats[5] = sum(_attended_pairs(s, seq_length) for s in samples)
     dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
     dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, count, vl_sum, vl_count, tokens, pairs = stats.tolist()
     text_sum, text_count = loss_sum - vl_sum, count - vl_count
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
     return {
         "loss": loss_sum / max(count, 1) if math.isfinite(loss_sum) else loss_sum,
         "vl_loss": vl_sum / vl_count if vl_count else None,
         "text_loss": text_sum / text_count if text_count else None,
-        "loss_tokens": count, "tokens": tokens / pp, "attention_pairs": pairs / pp,
+        "loss_tokens": count, "tokens": tokens, "attention_pairs": pairs,
     }
 
 

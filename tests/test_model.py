@@ -86,3 +86,16 @@ def test_vpatch_patch_mismatch_is_a_clear_error(single, case, delta):
     assert n == 2 * 3 + 3 * 2  # the two images of standard_documents
     message = single[f"mismatch_{case}"]
     assert f"{n} <vpatch> tokens" in message and f"{n + delta} image patches" in message, message
+
+
+def test_device_side_normalization_is_the_vision_modules_bit_for_bit():
+    """collate hands the model raw uint8 patches; the model's normalization must be exactly the one
+    the processor (and so the exported HF model) uses."""
+    import torch
+
+    from solo.model import normalize_patches as on_device
+    from solo.vision import normalize_patches
+
+    patches = np.random.default_rng(0).integers(0, 256, (300, 3 * 32 * 32), dtype=np.uint8)
+    patches[0], patches[1] = 0, 255
+    assert np.array_equal(on_device(torch.from_numpy(patches)).numpy(), normalize_patches(patches))

@@ -3,8 +3,9 @@
 A packed sample (one row of `seq_length` tokens, see `solo.data.shards`) holds whole documents
 back to back. Here it becomes model inputs: labels shifted by one, a loss mask that never crosses a
 document boundary nor predicts an id >= 32000 (DESIGN.md "Loss"), position ids that restart at each
-document, the document boundaries as cumulative lengths, and the normalized patches in the order
-their `<vpatch>` tokens appear. `attention_inputs` turns the boundaries into what the chosen
+document, the document boundaries as cumulative lengths, and the raw uint8 patches in the order
+their `<vpatch>` tokens appear (SOLOModel normalizes them on its device: a quarter of the bytes of
+float32 to copy and to move, and no CPU pass over them). `attention_inputs` turns the boundaries into what the chosen
 attention backend needs: a block-diagonal causal mask (CPU, local spec) or megatron-core
 `PackedSeqParams` (FlexAttention or TransformerEngine THD).
 """
@@ -18,7 +19,6 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from solo.tokenizer import SP_VOCAB_SIZE
-from solo.vision import normalize_patches
 
 FIRST_SPECIAL_ID = SP_VOCAB_SIZE  # 32000: no loss on any id from here on
 
@@ -31,7 +31,7 @@ class PackedBatch:
     vision_mask: torch.Tensor  # [b, s] bool, token belongs to a document with an image
     position_ids: torch.Tensor  # [b, s] int64, restart at every document
     cu_seqlens: torch.Tensor  # [n_docs + 1] int32 over the batch read row by row (padding = one doc)
-    patches: torch.Tensor  # [n_patches, 3 * P * P] float32, ImageNet-normalized
+    patches: torch.Tensor  # [n_patches, 3 * P * P] uint8, as stored (normalized by SOLOModel)
 
     def as_one_row(self) -> "PackedBatch":
         """[b, s] -> [1, b*s]: the packed (THD / FlexAttention) backends take the batch as one row;
@@ -80,9 +80,7 @@ def collate(samples, seq_length: int, pad_id: int = 0) -> PackedBatch:
     # A label is a target only inside its document (the next token is no document start) and only
     # for natural-language ids.
     loss_mask = targets[:, 1:] * ~starts[:, 1:] * (labels < FIRST_SPECIAL_ID)
-    patch_array = (
-        normalize_patches(np.concatenate(patches)) if patches else np.zeros((0, 0), dtype=np.float32)
-    )
+    patch_array = np.concatenate(patches) if patches else np.zeros((0, 0), dtype=np.uint8)
     return PackedBatch(
         tokens=torch.from_numpy(tokens[:, :-1].copy()),
         labels=torch.from_numpy(labels.copy()),
