@@ -29,8 +29,9 @@ from solo.checkpoint import (
     model_meta, read_meta, resolve_checkpoint, save_checkpoint,
 )
 from solo.config import ConfigError, TrainConfig, load_config
-from solo.data.batch import attention_inputs, collate
+from solo.data.batch import attention_inputs
 from solo.data.dataset import StageData
+from solo.data.prefetch import StepPrefetcher
 from solo.data.shards import ShardError
 from solo.distributed import destroy_distributed, device, init_distributed
 from solo.metrics import MetricsLogger, training_flops
@@ -153,13 +154,12 @@ def train(cfg: TrainConfig) -> dict:
     meta = model_meta(cfg.model, layout, stage=cfg.stage, train_steps=steps, config=dataclasses.asdict(cfg))
     last_saved = resume
     result = {"stage": cfg.stage, "steps": steps, "losses": []}
+    prefetch = StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, pad_id)
 
     while step < steps:
         started = time.perf_counter()
-        samples = data.rank_batch(step, dp_rank, dp_size)
-        # One micro batch on the device at a time, collated when the schedule asks for it.
-        batches = (collate(samples[i:i + cfg.micro_batch_size], data.seq_length, pad_id).to(device())
-                   for i in range(0, len(samples), cfg.micro_batch_size))
+        samples, micro_batches = prefetch.get(step)  # read and collated while the last step ran
+        batches = (b.to(device()) for b in micro_batches)  # one micro batch on the device at a time
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         forward_step = partial(_forward_step, model.backend)
@@ -186,6 +186,7 @@ def train(cfg: TrainConfig) -> dict:
             weights_touched = updated
         if fault:
             if cfg.nonfinite_loss == "stop" or weights_touched:
+                prefetch.close()
                 raise NonFiniteLoss(f"{fault}; stopping. The last good checkpoint is {last_saved}")
             log.info(f"{fault}; skipping this batch (nonfinite_loss=skip)")
             grad_norm = float("nan")
@@ -204,6 +205,7 @@ def train(cfg: TrainConfig) -> dict:
             log.info(f"stop requested ({stop.requested or 'signal on another rank'}): saved step {step}, exiting")
             result["preempted"] = True
             break
+    prefetch.close()
     result["checkpoint"] = str(last_saved)
     log.close(result)
     return result

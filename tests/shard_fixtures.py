@@ -64,3 +64,13 @@ def write_sources(root: Path, seq_length: int = 256) -> dict[str, Path]:
         "images": write_source(root / "images", image_documents(tok) * 2, seq_length),
         "text": write_source(root / "text", text_documents(tok, seq_length), seq_length),
     }
+
+
+def write_blend_sources(root: Path, seq_length: int = 256) -> dict[str, Path]:
+    """Two sources with shards of unequal sizes: 76 text samples in shards of 5 (the last one
+    smaller) and the photographs three times over, one sample per shard."""
+    tok = SOLOTokenizer.default()
+    return {
+        "text": write_source(root / "text", text_documents(tok, seq_length, count=40), seq_length, samples_per_shard=5),
+        "images": write_source(root / "images", image_documents(tok) * 3, seq_length, samples_per_shard=1),
+    }

@@ -18,20 +18,14 @@ from solo.config import DataConfig, DataSource
 from solo.data.dataset import StageData
 from solo.data.shards import ShardError, list_shards, open_shard
 from solo.tokenizer import SOLOTokenizer
-from tests.shard_fixtures import image_documents, text_documents, write_source
+from tests.shard_fixtures import text_documents, write_blend_sources, write_source
 
 SEQ = 256
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("blend")
-    tok = SOLOTokenizer.default()
-    return {
-        # 76 text samples in shards of 5 (the last one smaller); images one sample per shard.
-        "text": write_source(root / "text", text_documents(tok, SEQ, count=40), SEQ, samples_per_shard=5),
-        "images": write_source(root / "images", image_documents(tok) * 3, SEQ, samples_per_shard=1),
-    }
+    return write_blend_sources(tmp_path_factory.mktemp("blend"), SEQ)
 
 
 def data_config(folders, fractions: dict, seed: int = 1234) -> DataConfig:

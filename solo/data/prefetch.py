@@ -1,0 +1,42 @@
+"""A step's micro batches, read and collated on a background thread while the previous step computes.
+
+Reading a step from the memory-mapped shards and collating it costs the main thread seconds per
+step of the paper's recipe (32 micro batches of 32,768 tokens per data-parallel rank; ~150 ms each
+on this project's CPU test machine), time in which the GPUs would wait. A sample is a pure function
+of its index in the blend (`solo.data.dataset`), so reading one step ahead changes nothing about the
+data order, the losses or resumption. One thread is enough: the work is numpy copies out of memory
+maps, which release the GIL. concurrent.futures does the threading.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from solo.data.batch import PackedBatch, collate
+from solo.data.dataset import StageData
+
+
+class StepPrefetcher:
+    """`get(step)` -> (the rank's samples, their collated micro batches on the CPU); meanwhile the
+    next step is prepared. Errors (a damaged shard) surface from `get` of the step they belong to."""
+
+    def __init__(self, data: StageData, dp_rank: int, dp_size: int, micro_batch_size: int, pad_id: int):
+        self.data, self.dp_rank, self.dp_size = data, dp_rank, dp_size
+        self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="solo-prefetch")
+        self._next: tuple[int, Future] | None = None
+
+    def _load(self, step: int) -> tuple[list, list[PackedBatch]]:
+        samples = self.data.rank_batch(step, self.dp_rank, self.dp_size)
+        m = self.micro_batch_size
+        return samples, [collate(samples[i:i + m], self.data.seq_length, self.pad_id)
+                         for i in range(0, len(samples), m)]
+
+    def get(self, step: int) -> tuple[list, list[PackedBatch]]:
+        ahead = self._next
+        result = ahead[1].result() if ahead is not None and ahead[0] == step else self._load(step)
+        self._next = (step + 1, self._pool.submit(self._load, step + 1)) if step + 1 < self.data.train_steps else None
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
