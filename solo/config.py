@@ -219,14 +219,25 @@ def _model_config(value, where: str) -> ModelConfig:
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
+    """`a.b.c=value`. A list of named entries is entered by name: `data.sources.slimpajama.fraction=0.2`."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
+        if isinstance(node, list):
+            named = [e for e in node if isinstance(e, dict) and e.get("name") == key]
+            if not named:
+                raise ConfigError(f"override {dotted!r}: no entry named {key!r}; names: "
+                                  f"{[e.get('name') for e in node if isinstance(e, dict)]}")
+            node = named[0]
+            continue
         if isinstance(node.get(key), str) and key == "model":
             node[key] = {"preset": node[key]}
         node = node.setdefault(key, {})
-        if not isinstance(node, dict):
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {dotted!r}: {key} is not a section")
+    if isinstance(node, list):
+        raise ConfigError(f"override {dotted!r}: {keys[-2]} is a list; set a field of one entry, "
+                          f"e.g. {'.'.join(keys[:-1])}.<name>.{keys[-1]}=...")
     node[keys[-1]] = value
 
 

@@ -69,3 +69,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_source_is_overridden_by_name():
+    cfg = load_config(CONFIGS / "stage1.yaml", ["data.sources.imagenet21k.fraction=0.8",
+                                                "data.sources.slimpajama.fraction=0.2",
+                                                "data.sources.slimpajama.path=/scratch/slimpajama"])
+    assert [(s.name, s.fraction, s.path) for s in cfg.data.sources] == [
+        ("imagenet21k", 0.8, "data/shards/imagenet21k"), ("slimpajama", 0.2, "/scratch/slimpajama")]
+    with pytest.raises(ConfigError, match="no entry named 'webvid'; names: \\['imagenet21k', 'slimpajama'\\]"):
+        load_config(CONFIGS / "stage1.yaml", ["data.sources.webvid.fraction=0.1"])
+    with pytest.raises(ConfigError, match="sum to 1"):  # one fraction alone no longer sums to 1
+        load_config(CONFIGS / "stage1.yaml", ["data.sources.imagenet21k.fraction=0.8"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(CONFIGS / "stage1.yaml", ["data.sources.imagenet21k.weight=3"])
