@@ -10,7 +10,8 @@ things with no restriction: the `.metadata` file (`FileSystemReader.read_metadat
 This module makes both safe: `.metadata` is read by an unpickler that builds only DCP's metadata
 classes and torch's sizes, dtypes and layouts, and objects are read with `weights_only=True`
 (tensors, containers, numbers, strings: all our checkpoints hold). Anything else is an
-`UnpicklingError` naming the global it refused. Applied by `solo.checkpoint.load_checkpoint`.
+`UnpicklingError` naming the global it refused. Applied when `solo.checkpoint` is imported, which
+every path that reads a checkpoint (training, solo-convert, evaluation) goes through.
 """
 
 from __future__ import annotations

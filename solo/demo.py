@@ -86,15 +86,9 @@ def stage_config(out: Path, stage: str, steps: int | None) -> Path:
     return path
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(config: Path) -> None:
+    from solo.distributed import free_port
+
     sh(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
        f"--master_port={free_port()}", "-m", "solo.train", str(config))
 

@@ -15,6 +15,15 @@ import torch
 import torch.distributed as dist
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launcher's --master_port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def use_gpu() -> bool:
     return torch.cuda.is_available()
 

@@ -158,7 +158,7 @@ def train(cfg: TrainConfig) -> dict:
 
     while step < steps:
         started = time.perf_counter()
-        samples, micro_batches = prefetch.get(step)  # read and collated while the last step ran
+        micro_batches = prefetch.get(step)  # read and collated (on the CPU) while the last step ran
         batches = (b.to(device()) for b in micro_batches)  # one micro batch on the device at a time
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
@@ -172,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
             model=[ddp], num_microbatches=microbatches, seq_length=data.seq_length,
             micro_batch_size=cfg.micro_batch_size, forward_only=False,
         )
-        stats = _reduce_stats(reduced, samples, data.seq_length)
+        stats = _reduce_stats(reduced, micro_batches)
         position = (f"at step {step + 1} (data position: blend samples {step * cfg.global_batch_size}.."
                     f"{(step + 1) * cfg.global_batch_size - 1})")
         if not math.isfinite(stats["loss"]):
@@ -260,24 +260,18 @@ def _loss(batch, per_token_loss):
     return total, mask.sum().to(torch.int), {"stats": stats}
 
 
-def _attended_pairs(sample, seq_length: int) -> int:
-    """(query, key) pairs the packed attention computes for one row: causal within each document,
-    the padding a document of its own (as `solo.data.batch.collate` lays it out)."""
-    lengths = list(sample.document_lengths)
-    if sum(lengths) < seq_length:
-        lengths.append(seq_length - sum(lengths))
-    return sum(n * (n + 1) // 2 for n in lengths)
-
-
-def _reduce_stats(reduced: list, samples: list, seq_length: int) -> dict:
+def _reduce_stats(reduced: list, batches: list) -> dict:
+    """Losses of this step's micro batches (`reduced`) and what they cost (from `batches`, the
+    collated micro batches), summed over the data-parallel ranks."""
     from megatron.core import parallel_state
 
     stats = torch.zeros(6, dtype=torch.float64, device=device())
     if reduced:  # only the last pipeline stage computes losses
         stats[:4] = torch.stack([r["stats"] for r in reduced]).sum(0)
     if parallel_state.is_pipeline_first_stage():  # counted once per pipeline
-        stats[4] = len(samples) * seq_length
-        stats[5] = sum(_attended_pairs(s, seq_length) for s in samples)
+        stats[4] = sum(b.tokens.numel() for b in batches)
+        lengths = [(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() for b in batches]  # padding: a document
+        stats[5] = sum(float((n * (n + 1) / 2).sum()) for n in lengths)
     dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
     dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, count, vl_sum, vl_count, tokens, pairs = stats.tolist()

@@ -30,9 +30,8 @@ def test_prefetched_steps_equal_direct_reads_and_run_ahead(folders):
     prefetch._load = lambda step: (threads.add(threading.current_thread().name), original(step))[1]
     try:
         for step in (0, 1, 2, 4):  # 3 is skipped: a step that was not read ahead is read now
-            samples, micro = prefetch.get(step)
+            micro = prefetch.get(step)
             expected = data.rank_batch(step, 1, 2)
-            assert [s.tokens.tolist() for s in samples] == [s.tokens.tolist() for s in expected]
             assert len(micro) == 2
             for batch, i in zip(micro, (0, 2)):
                 direct = collate(expected[i:i + 2], data.seq_length, 0)

@@ -1,18 +1,13 @@
 """Launch a tests/dist worker script under torchrun on gloo ranks and fail with its output."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from solo.distributed import free_port
+
 DIST_DIR = Path(__file__).parent / "dist"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> str:

@@ -11,7 +11,8 @@ dummy prefix), or with `chat=True` the supervised template of stages 2-3 (`solo-
 LLaVA's image-first placement), ending where the assistant's answer begins:
 
     <s> <|im_start|>user\n IMAGE \nprompt<|im_end|>\n<|im_start|>assistant\n
- `pixel_values` are the normalized patches in that order, each flattened in Fuyu's
+
+`pixel_values` are the normalized patches in that order, each flattened in Fuyu's
 (row, column, channel) order, which the export's `vision_embed_tokens` expects (see
 `solo.convert.layouts.patch_columns_to_fuyu`); `encode` also returns the uint8 patches in the
 training order (channel, row, column) for the Megatron model.

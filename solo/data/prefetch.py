@@ -17,8 +17,8 @@ from solo.data.dataset import StageData
 
 
 class StepPrefetcher:
-    """`get(step)` -> (the rank's samples, their collated micro batches on the CPU); meanwhile the
-    next step is prepared. Errors (a damaged shard) surface from `get` of the step they belong to."""
+    """`get(step)` -> the rank's collated micro batches of that step, on the CPU; meanwhile the next
+    step is prepared. Errors (a damaged shard) surface from `get` of the step they belong to."""
 
     def __init__(self, data: StageData, dp_rank: int, dp_size: int, micro_batch_size: int, pad_id: int):
         self.data, self.dp_rank, self.dp_size = data, dp_rank, dp_size
@@ -26,13 +26,12 @@ class StepPrefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="solo-prefetch")
         self._next: tuple[int, Future] | None = None
 
-    def _load(self, step: int) -> tuple[list, list[PackedBatch]]:
+    def _load(self, step: int) -> list[PackedBatch]:
         samples = self.data.rank_batch(step, self.dp_rank, self.dp_size)
         m = self.micro_batch_size
-        return samples, [collate(samples[i:i + m], self.data.seq_length, self.pad_id)
-                         for i in range(0, len(samples), m)]
+        return [collate(samples[i:i + m], self.data.seq_length, self.pad_id) for i in range(0, len(samples), m)]
 
-    def get(self, step: int) -> tuple[list, list[PackedBatch]]:
+    def get(self, step: int) -> list[PackedBatch]:
         ahead = self._next
         result = ahead[1].result() if ahead is not None and ahead[0] == step else self._load(step)
         self._next = (step + 1, self._pool.submit(self._load, step + 1)) if step + 1 < self.data.train_steps else None

@@ -137,11 +137,16 @@ def _copy_file_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None
         if n == 0:
             # Also when the kernel copied nothing: some file systems (overlayfs, FUSE, procfs-like)
             # answer 0 before the end of the file. Only pread can tell the file really ends there.
-            data = os.pread(src_fd, min(nbytes, _CHUNK), offset)
-            if not data:
-                raise OSError(errno.EIO, f"source file ended {nbytes} bytes early (at byte {offset})")
-            n = os.write(dst_fd, data)
+            n = os.write(dst_fd, _pread_some(src_fd, offset, nbytes))
         offset, nbytes = offset + n, nbytes - n
+
+
+def _pread_some(fd: int, offset: int, nbytes: int) -> bytes:
+    """Up to `nbytes` (at most one chunk) at `offset`; EIO if the file ends before any."""
+    data = os.pread(fd, min(nbytes, _CHUNK), offset)
+    if not data:
+        raise OSError(errno.EIO, f"source file ended {nbytes} bytes early (at byte {offset})")
+    return data
 
 
 def _read_patches(p: PatchesInFile) -> np.ndarray:
@@ -149,9 +154,7 @@ def _read_patches(p: PatchesInFile) -> np.ndarray:
     out = np.empty(p.nbytes, np.uint8)
     done = 0
     while done < p.nbytes:
-        data = os.pread(p.fd, min(p.nbytes - done, _CHUNK), p.offset + done)
-        if not data:
-            raise OSError(errno.EIO, f"source file ended {p.nbytes - done} bytes early (at byte {p.offset + done})")
+        data = _pread_some(p.fd, p.offset + done, p.nbytes - done)
         out[done:done + len(data)] = np.frombuffer(data, np.uint8)
         done += len(data)
     return out
