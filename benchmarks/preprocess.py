@@ -31,11 +31,11 @@ import zstandard
 from PIL import Image
 
 from solo.demo_data import python_docstrings
+from solo.preprocess.documents import Layout
+from solo.preprocess.pipeline import Options, _import_megatron, write_shard
+from solo.preprocess.sources import ImageNetSource, StreamSource
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import resize_for_patches, target_size
-from solo_preprocess.documents import Layout
-from solo_preprocess.pipeline import Options, _import_megatron, write_shard
-from solo_preprocess.sources import ImageNetSource, StreamSource
 
 PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
           "coffee.png", "coins.png", "color.png", "grass.png", "gravel.png", "hubble_deep_field.jpg",

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import sys
 import time
 from functools import partial

@@ -15,7 +15,6 @@ shared by all layers, so the block mask is cached on them.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -56,9 +55,9 @@ class FlexDocumentAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
         pg_collection=None,
     ):
         super().__init__(config=config)
@@ -77,10 +76,10 @@ class FlexDocumentAttention(MegatronModule):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         if packed_seq_params is None or packed_seq_params.cu_seqlens_q is None:
             raise ValueError("FlexDocumentAttention needs packed_seq_params with cu_seqlens_q (document boundaries)")

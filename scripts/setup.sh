@@ -17,5 +17,5 @@ else
     grep -v '^torch==' constraints.txt > /tmp/solo-constraints.txt
     $PY -m pip install -q -c /tmp/solo-constraints.txt -e ".[test]"
 fi
-PYTHONWARNINGS=ignore $PY -c "import solo, megatron.core, solo_preprocess"
+PYTHONWARNINGS=ignore $PY -c "import solo, megatron.core, solo.preprocess"
 echo "solo-megatron installed: $(PYTHONWARNINGS=ignore $PY -c 'import solo; print(solo.__version__)')"

@@ -131,7 +131,7 @@ class TrainConfig:
     wandb_project: str = "solo-megatron"
     seed: int = 1234
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         p, m = self.parallel, self.model
         checks = [
             (self.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {self.precision!r}"),

@@ -40,7 +40,8 @@ def init_distributed(
     The model-parallel RNG tracker gets the same seed on every rank so that
     `use_cpu_initialization` gives TP-independent weights.
     """
-    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mcore_tp
 
     if not use_gpu():
         from megatron_patches import cpu

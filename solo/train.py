@@ -25,8 +25,16 @@ import torch
 import torch.distributed as dist
 
 from solo.checkpoint import (
-    CheckpointError, check_model_shape, check_stage_finished, fault_injected, latest_checkpoint, load_checkpoint,
-    model_meta, read_meta, resolve_checkpoint, save_checkpoint,
+    CheckpointError,
+    check_model_shape,
+    check_stage_finished,
+    fault_injected,
+    latest_checkpoint,
+    load_checkpoint,
+    model_meta,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
 )
 from solo.config import ConfigError, TrainConfig, load_config
 from solo.data.batch import attention_inputs

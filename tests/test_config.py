@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from solo.config import ConfigError, MODEL_PRESETS, config_from_dict, load_config
+from solo.config import MODEL_PRESETS, ConfigError, config_from_dict, load_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -20,14 +20,20 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from solo.config import ModelConfig
 from solo.convert.common import ConversionError
 from solo.convert.hf_to_solo import convert_hf_to_solo
 from solo.convert.layouts import (
-    Entry, mistral_entries, patch_columns_from_fuyu, patch_columns_to_fuyu, patches_to_fuyu, read_hf, write_hf,
+    Entry,
+    mistral_entries,
+    patch_columns_from_fuyu,
+    patch_columns_to_fuyu,
+    patches_to_fuyu,
+    read_hf,
+    write_hf,
 )
 from solo.convert.processor import SOLOProcessor
 from solo.convert.solo_to_hf import convert_solo_to_hf
-from solo.config import ModelConfig
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import encode_image, image_token_ids, normalize_patches, patchify
 from tests.torchrun import torchrun
@@ -266,8 +272,8 @@ def test_processor_builds_the_training_layout_and_round_trips(work, tmp_path):
 @pytest.mark.parametrize("with_image", [True, False])
 def test_processor_chat_prompt_is_the_sft_layout_up_to_the_answer(work, with_image):
     """`chat=True` must give the ids solo-preprocess's sft layout trained on, up to the answer."""
-    from solo_preprocess.documents import Layout, build
-    from solo_preprocess.formats import Record
+    from solo.preprocess.documents import Layout, build
+    from solo.preprocess.formats import Record
 
     answer = "It is a small red bird."
     record = Record(key="chat", image=str(work.image_path) if with_image else None,

@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
+from solo.config import DataConfig, DataSource
 from solo.data.batch import collate
 from solo.data.dataset import StageData
 from solo.data.prefetch import StepPrefetcher
-from solo.config import DataConfig, DataSource
 from tests.shard_fixtures import write_blend_sources
 
 

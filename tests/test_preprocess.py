@@ -31,14 +31,14 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from PIL import Image
 
 from solo.data.shards import list_shards, open_shard, read_folder_manifest
+from solo.preprocess import formats, pipeline
+from solo.preprocess.cli import build_parser, main
+from solo.preprocess.documents import Layout, Skip, build
+from solo.preprocess.formats import Record
+from solo.preprocess.packing import fill_ratio, pack
+from solo.preprocess.sources import load_synsets
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import encode_image, image_token_ids
-from solo_preprocess import formats, pipeline
-from solo_preprocess.cli import build_parser, main
-from solo_preprocess.documents import Layout, Skip, build
-from solo_preprocess.formats import Record
-from solo_preprocess.packing import fill_ratio, pack
-from solo_preprocess.sources import load_synsets
 from tests.tmpfs import mount_tmpfs, resize_tmpfs, unmount
 
 SKIMAGE = os.path.dirname(skimage.data.__file__)
@@ -499,7 +499,7 @@ def test_kill_and_resume(imagenet, tmp_path):
     args = ["imagenet", "--input", root / "train", "--synsets", root / "synsets.txt", "--shard-size", 1, *OPTS[:-2]]
     out = tmp_path / "out"
     with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "solo_preprocess.cli", *map(str, args),
+        proc = subprocess.Popen([sys.executable, "-m", "solo.preprocess.cli", *map(str, args),
                                  "--output", str(out), "--workers", "2"], stdout=log, stderr=log)
         deadline = time.monotonic() + 300
         while not list(out.glob("shard-*.json")) and proc.poll() is None and time.monotonic() < deadline:
@@ -548,7 +548,7 @@ def test_tar_reads_on_past_corrupt_member_headers(tok, tmp_path, caplog):
     data[at:at + 156] = b"\xfe\xff" * 78
     (tmp_path / "00000.tar").write_bytes(bytes(data))
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="solo_preprocess"):
+    with caplog.at_level(logging.WARNING, logger="solo.preprocess"):
         assert cli("captions", "--input", tmp_path / "00000.tar", "--output", out, *OPTS) == 0
     manifest = read_folder_manifest(out)
     assert manifest["skipped"] == {"corrupt_tar_member": 3} and manifest["totals"]["records"] == 8
@@ -569,7 +569,7 @@ def test_skip_logs_name_the_file_below_the_inputs_and_the_record(tmp_path, caplo
     for chunk, texts in (("chunk1", ["One.", "Two."]), ("chunk2", ["Three.", " "])):
         (tmp_path / chunk).mkdir()
         (tmp_path / chunk / "example_train_0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    with caplog.at_level(logging.WARNING, logger="solo_preprocess"):
+    with caplog.at_level(logging.WARNING, logger="solo.preprocess"):
         assert cli("text", "--input", f"{tmp_path}/chunk*/*.jsonl", "--output", tmp_path / "out", *OPTS) == 0
     [skip] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skip")]
     assert skip.startswith("skip text chunk2/example_train_0.jsonl:2: empty_text:"), skip

@@ -636,13 +636,13 @@ def test_fuzz_load_image_mutated_real_files(bounded_memory, data):
     _check_image(data)
 
 
-# The preprocessing readers (tools/preprocess, package solo_preprocess), when installed.
+# The preprocessing readers (solo/preprocess, package solo.preprocess), when installed.
 
 @pytest.fixture(scope="module")
 def preprocess(tmp_path_factory):
-    formats = pytest.importorskip("solo_preprocess.formats")
-    documents = pytest.importorskip("solo_preprocess.documents")
-    sources = pytest.importorskip("solo_preprocess.sources")
+    formats = pytest.importorskip("solo.preprocess.formats")
+    documents = pytest.importorskip("solo.preprocess.documents")
+    sources = pytest.importorskip("solo.preprocess.sources")
     from solo.tokenizer import SOLOTokenizer
 
     layout = documents.Layout(SOLOTokenizer.default(), 1024, 32, 128)

@@ -32,7 +32,11 @@ def test_metadata_unpickler_refuses_anything_but_dcp_metadata():
 
 def test_real_dcp_metadata_still_loads():
     from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
     )
 
     meta = Metadata(state_dict_metadata={"w": TensorStorageMetadata(

@@ -33,7 +33,12 @@ import torch
 
 from solo.config import MODEL_PRESETS, ModelConfig
 from solo.convert.common import (
-    SOLO_VOCAB, ConversionError, check_output, empty_model, single_process_world, staged_output,
+    SOLO_VOCAB,
+    ConversionError,
+    check_output,
+    empty_model,
+    single_process_world,
+    staged_output,
 )
 from solo.convert.layouts import AUTHORS_PATCH_NAME, IGNORED_SUFFIXES, hf_shape, mistral_entries, write_hf
 from solo.tokenizer import SP_VOCAB_SIZE

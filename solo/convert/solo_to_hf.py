@@ -31,7 +31,12 @@ import torch
 
 from solo.config import ModelConfig
 from solo.convert.common import (
-    SOLO_VOCAB, ConversionError, check_output, empty_model, single_process_world, staged_output,
+    SOLO_VOCAB,
+    ConversionError,
+    check_output,
+    empty_model,
+    single_process_world,
+    staged_output,
 )
 from solo.convert.layouts import hf_shape, mistral_entries, patch_columns_to_fuyu, read_hf
 from solo.convert.processor import SOLOProcessor

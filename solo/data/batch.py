@@ -33,14 +33,14 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # [n_docs + 1] int32 over the batch read row by row (padding = one doc)
     patches: torch.Tensor  # [n_patches, 3 * P * P] uint8, as stored (normalized by SOLOModel)
 
-    def as_one_row(self) -> "PackedBatch":
+    def as_one_row(self) -> PackedBatch:
         """[b, s] -> [1, b*s]: the packed (THD / FlexAttention) backends take the batch as one row;
         `cu_seqlens` already counts over the batch read row by row."""
         flat = {k: v.reshape(1, -1) for k, v in self.__dict__.items()
                 if k not in ("cu_seqlens", "patches")}
         return PackedBatch(**flat, cu_seqlens=self.cu_seqlens, patches=self.patches)
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         return PackedBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from solo.data.shards import FORMAT_VERSION, fsync_dir, write_json_atomic
-from solo_preprocess import __version__
+from solo.preprocess import __version__
 
 
 class UsageError(ValueError):

@@ -1,4 +1,4 @@
-"""solo-preprocess: the offline shard preprocessing CLI (installed as the package `solo_preprocess`).
+"""solo-preprocess: the offline shard preprocessing CLI (installed as the package `solo.preprocess`).
 
 cli.py (argparse) -> sources.py / formats.py / webdataset.py (inputs -> records) -> documents.py
 (records -> token documents) -> packing.py (documents -> packed samples) -> pipeline.py (shards in

@@ -68,7 +68,7 @@ def read_records(kind: str, path: str, start: int, stop: int | None, label: str 
 
 def _stream(kind: str, path: str, first: int | None, label: str) -> Iterator[Record]:
     """Every record of a tar or JSONL file; payloads are read from record `first` on (None: never)."""
-    from solo_preprocess.webdataset import tar_records  # here: webdataset.py imports Record from this module
+    from solo.preprocess.webdataset import tar_records  # here: webdataset.py imports Record from this module
 
     reader = tar_records if stream_format(path) == ".tar" else _jsonl_records
     return reader(kind, path, float("inf") if first is None else first, label)

@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
-from solo_preprocess import __version__, output
-from solo_preprocess.documents import Document, Layout, Skip, build
-from solo_preprocess.packing import pack
-from solo_preprocess.sources import ShardTask
+from solo.preprocess import __version__, output
+from solo.preprocess.documents import Document, Layout, Skip, build
+from solo.preprocess.packing import pack
+from solo.preprocess.sources import ShardTask
 
-log = logging.getLogger("solo_preprocess")
+log = logging.getLogger("solo.preprocess")
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from solo.preprocess.formats import Record
+from solo.preprocess.sources import ROLES
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import ImageLoadError, image_token_ids, load_image, patchify, resize_for_patches, target_size
-from solo_preprocess.formats import Record
-from solo_preprocess.sources import ROLES
 
 MAX_ASPECT_RATIO = 20  # panoramas and banners up to 20:1 pass; thinner strips are not pictures
 IMAGE_MARKER = "<image>"

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from solo_preprocess.formats import STREAM_SUFFIXES, InputError, stream_format
+from solo.preprocess.formats import STREAM_SUFFIXES, InputError, stream_format
 
 # Records per shard: enough tokens per shard that the last, partly filled sample costs < 1% at
 # seq_length 32768 (e.g. 8192 ImageNet images of ~300 tokens = 75 samples), few enough that a
@@ -112,7 +112,7 @@ def _require(path: str | None, what: str, folder: bool = False) -> None:
 
 
 def build_source(args):
-    from solo_preprocess import sources
+    from solo.preprocess import sources
 
     if args.command == "imagenet":
         _require(args.input, "--input", folder=True)
@@ -145,21 +145,21 @@ def _check_options(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("solo_preprocess").setLevel(logging.INFO)
+    logging.getLogger("solo.preprocess").setLevel(logging.INFO)
     from solo.data.shards import ShardError
-    from solo_preprocess.output import UsageError
+    from solo.preprocess.output import UsageError
 
     try:
         if args.command == "stats":
-            from solo_preprocess.stats import render
+            from solo.preprocess.stats import render
 
             print(render(args.folder, per_shard=args.per_shard))
             return 0
         _check_options(args)
         source = build_source(args)
+        from solo.preprocess.documents import Layout
+        from solo.preprocess.pipeline import Options, run
         from solo.tokenizer import SOLOTokenizer
-        from solo_preprocess.documents import Layout
-        from solo_preprocess.pipeline import Options, run
 
         tokenizer = SOLOTokenizer(args.tokenizer) if args.tokenizer else SOLOTokenizer.default()
         options = Options(args.seq_length, args.patch_size, args.max_side, args.seed,

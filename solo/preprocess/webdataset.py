@@ -24,7 +24,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from solo_preprocess.formats import IMAGE_EXTS, Record
+from solo.preprocess.formats import IMAGE_EXTS, Record
 
 BLOCK = tarfile.BLOCKSIZE
 CORRUPT_MEMBER = "corrupt_tar_member"

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from solo_preprocess.formats import IMAGE_EXTS, InputError, Record, count_records, read_records
+from solo.preprocess.formats import IMAGE_EXTS, InputError, Record, count_records, read_records
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
