@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the transformer and of the vision input (DESIGN.md "Model")."""
+    """Shape of the transformer and of the vision input (docs/design.md "Model")."""
 
     preset: str = "tiny"
     num_layers: int = 2

@@ -1,4 +1,4 @@
-"""The Mistral-7B-v0.1 tokenizer plus the SOLO special tokens (DESIGN.md, "Tokens and images").
+"""The Mistral-7B-v0.1 tokenizer plus the SOLO special tokens (docs/design.md, "Tokens and pixels").
 
 sentencepiece does all the text work; this module only appends the SOLO ids after the 32,000
 sentencepiece pieces and keeps them out of reach of user text:

@@ -1,4 +1,4 @@
-"""Images -> SOLO patches and tokens (DESIGN.md, "Tokens and images"). numpy and PIL only, no torch.
+"""Images -> SOLO patches and tokens (docs/design.md, "Tokens and pixels"). numpy and PIL only, no torch.
 
 PIL decodes, applies EXIF orientation, converts modes and resizes (bilinear, as the authors'
 torchvision `Resize` on a PIL image does); numpy reshapes pixels into patches, reading PIL's memory

@@ -36,7 +36,7 @@ FAKE_TOK = SimpleNamespace(vision_start_id=-1, patch_id=-2, row_sep_id=-3, visio
 
 
 def reference_target_size(width, height, P=32, M=1024):
-    # Straight transcription of DESIGN.md, float arithmetic as in the authors' code.
+    # Straight transcription of docs/design.md "Tokens and pixels", float arithmetic as in the authors' code.
     long, short = max(width, height), min(width, height)
     new_long = min(math.ceil(long / P) * P, M)
     new_short = max(P, math.ceil(int(new_long * short / long) / P) * P)

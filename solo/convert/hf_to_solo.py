@@ -10,7 +10,7 @@ weights); each HF tensor is read, copied into its place and dropped. Peak memory
 the embedding matrix twice over (its mean is taken in float32): about 15.5 GB for Mistral-7B in
 bf16. (Measured on a 191M-parameter bf16 model: 948 MB peak RSS, 390 MB of it before the model.)
 
-What is new in a Mistral checkpoint and how it starts (DESIGN.md "Model"):
+What is new in a Mistral checkpoint and how it starts (docs/design.md "Model"):
 * embedding and output rows 32000..33030 (the SOLO special tokens): the mean of the 32,000
   existing rows of the same matrix, in float32 (HF `resize_token_embeddings(mean_resizing=True)`
   without its noise; every new token starts as an "average" token instead of a random direction);
@@ -183,7 +183,7 @@ def model_config_from_hf(src: HFSource) -> ModelConfig:
     if window is not None and int(window) < max_positions:
         log.warning(
             "%s: sliding_window %s is ignored: SOLO trains full causal attention inside each "
-            "packed document (DESIGN.md 'HuggingFace export')", where, window,
+            "packed document (docs/design.md 'HuggingFace export')", where, window,
         )
     shape = dict(
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,

@@ -2,7 +2,7 @@
 
 A packed sample (one row of `seq_length` tokens, see `solo.data.shards`) holds whole documents
 back to back. Here it becomes model inputs: labels shifted by one, a loss mask that never crosses a
-document boundary nor predicts an id >= 32000 (DESIGN.md "Loss"), position ids that restart at each
+document boundary nor predicts an id >= 32000 (docs/design.md "Loss"), position ids that restart at each
 document, the document boundaries as cumulative lengths, and the raw uint8 patches in the order
 their `<vpatch>` tokens appear (SOLOModel normalizes them on its device: a quarter of the bytes of
 float32 to copy and to move, and no CPU pass over them). `attention_inputs` turns the boundaries

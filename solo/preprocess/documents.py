@@ -1,4 +1,4 @@
-"""Records -> token documents with loss masks (DESIGN.md "Tokens and images", "Loss").
+"""Records -> token documents with loss masks (docs/design.md "Tokens and pixels", "Loss").
 
 The Mistral sentencepiece model (through `solo.tokenizer`) encodes text; PIL and numpy (through
 `solo.vision`) turn images into patches. Layouts, with L = loss on those tokens:
