@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from megatron_patches import optimizer_state, safe_load
 from solo.config import ModelConfig
+from solo.fileio import atomic_write_text, replace_durably
 
 # Every checkpoint read in solo-megatron goes through this module or follows its import: from here
 # on torch DCP unpickles nothing but its own metadata and weights-only objects.
@@ -66,24 +67,6 @@ def fault_injected(point: str, step: int) -> bool:
     """
     spec = os.environ.get(FAULT_ENV, "")
     return f"{point}@step={step}" in (item.strip() for item in spec.split(","))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # e.g. disk full: leave no half-written pointer behind
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier() -> None:
@@ -197,10 +180,10 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
     if fault_injected("crash_in_save", step):
         os.kill(os.getpid(), signal.SIGKILL)
     if dist.get_rank() == 0:
-        _atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step}, indent=2))
+        atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(save_dir / LATEST_FILE, final.name + "\n")
+        replace_durably(tmp, final)  # the folder's files are synced by megatron-core's writer
+        atomic_write_text(save_dir / LATEST_FILE, final.name + "\n")
         _prune(save_dir, keep)
     _barrier()
     return final

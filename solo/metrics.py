@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from solo.config import ModelConfig, TrainConfig
+from solo.fileio import atomic_write_json, atomic_write_text
 
 # Dense bf16 peak per GPU (tensor cores), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
@@ -64,7 +64,7 @@ class MetricsLogger:
 
             run_id_file = self.dir / "wandb_run_id"
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:12]
-            run_id_file.write_text(run_id)
+            atomic_write_text(run_id_file, run_id)
             self.wandb = wandb.init(
                 project=cfg.wandb_project, name=cfg.stage, id=run_id, resume="allow", dir=str(self.dir),
                 mode=cfg.wandb_mode, config=dataclasses.asdict(cfg),
@@ -76,9 +76,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def info(self, message: str) -> None:
         if self.is_writer:
@@ -115,8 +113,6 @@ class MetricsLogger:
     def close(self, result: dict) -> None:
         if not self.is_writer:
             return
-        tmp = self.dir / ".tmp-result.json"
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, self.dir / "result.json")
+        atomic_write_json(self.dir / "result.json", result, indent=2)
         if self.wandb is not None:
             self.wandb.finish()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from solo.data.shards import PackedSample, ShardWriter, write_json_atomic
+from solo.data.shards import PackedSample, ShardWriter
 from solo.demo_data import PHOTOS, python_docstrings, skimage_photo
+from solo.fileio import atomic_write_json
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import encode_image, image_token_ids
 
@@ -54,7 +55,7 @@ def write_source(folder: Path, docs, seq_length: int, samples_per_shard: int = 4
         for packed in samples[k:k + samples_per_shard]:
             writer.add_sample(PackedSample.of_documents(packed))
         shards.append(writer.finish({"source": folder.name, "seq_length": seq_length, "patch_size": PATCH}))
-    write_json_atomic(folder / "manifest.json", {"shards": len(shards), "samples": len(samples)})
+    atomic_write_json(folder / "manifest.json", {"shards": len(shards), "samples": len(samples)})
     return folder
 
 

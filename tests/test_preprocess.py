@@ -17,7 +17,6 @@ import sys
 import tarfile
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +29,7 @@ from hypothesis import strategies as st
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from PIL import Image
 
+from solo import fileio
 from solo.data.shards import list_shards, open_shard, read_folder_manifest
 from solo.preprocess import formats, pipeline
 from solo.preprocess.cli import build_parser, main
@@ -39,7 +39,7 @@ from solo.preprocess.packing import fill_ratio, pack
 from solo.preprocess.sources import load_synsets
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import encode_image, image_token_ids
-from tests.tmpfs import mount_tmpfs, resize_tmpfs, unmount
+from tests.tmpfs import full_disk_open, mount_tmpfs, resize_tmpfs, unmount
 
 SKIMAGE = os.path.dirname(skimage.data.__file__)
 PHOTOS = {"astronaut.png": "astronaut", "chelsea.png": "tabby cat", "coffee.png": "coffee cup",
@@ -627,15 +627,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(imagenet, 
     elif disk == "spill":
         monkeypatch.setattr(pipeline, "open", _FullSpill(400_000).open, raising=False)
     else:
-        real = Path.write_text
-
-        def full(self, *a, **k):
-            if self.name != ".tmp-manifest.json":
-                return real(self, *a, **k)
-            real(self, '{"trunc')
-            raise OSError(errno.ENOSPC, "No space left on device")  # the close's flush names no file
-
-        monkeypatch.setattr(Path, "write_text", full)
+        monkeypatch.setattr(fileio, "open", full_disk_open(".tmp-manifest.json"), raising=False)
     try:
         assert cli(*args) == 2
         err = capsys.readouterr().err

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from tests.shard_fixtures import write_sources
 from tests.test_train import run_train_single_process, stage_config
-from tests.tmpfs import mount_tmpfs, resize_tmpfs, unmount
+from tests.tmpfs import full_disk_open, mount_tmpfs, resize_tmpfs, unmount
 from tests.torchrun import free_port, torchrun
 
 STEPS = 6  # train_steps of every run compared with the reference
@@ -361,17 +361,11 @@ def test_disk_full_while_writing_shards_is_a_clear_error_and_a_rerun_completes(r
 
 def test_disk_full_while_writing_json_leaves_no_temporary(tmp_path, monkeypatch):
     """The manifest write: an injected ENOSPC (in-process) must not leave `.tmp-manifest.json`."""
-    from solo.data import shards
+    from solo import fileio
 
-    real = Path.write_text
-
-    def full(self, *args, **kwargs):
-        real(self, "{\"trunc", encoding="utf-8")
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
-
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(fileio, "open", full_disk_open(".tmp-manifest.json"), raising=False)
     with pytest.raises(OSError, match="No space left"):
-        shards.write_json_atomic(tmp_path / "manifest.json", {"shards": 1})
+        fileio.atomic_write_json(tmp_path / "manifest.json", {"shards": 1})
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
 

@@ -20,8 +20,8 @@ from solo.data.shards import (
     list_shards,
     open_shard,
     read_folder_manifest,
-    write_json_atomic,
 )
+from solo.fileio import atomic_write_json
 
 P = 4  # 3*4*4 = 48 values per patch keeps the files tiny
 SEQ = 64
@@ -317,6 +317,6 @@ def test_folder_helpers(tmp_path):
         list_shards(tmp_path / "nope")
     with pytest.raises(ShardError, match="no manifest.json"):
         read_folder_manifest(tmp_path)
-    write_json_atomic(tmp_path / "manifest.json", {"shards": []})
+    atomic_write_json(tmp_path / "manifest.json", {"shards": []})
     assert read_folder_manifest(tmp_path) == {"shards": []}
     assert not list(tmp_path.glob(".tmp-*"))

@@ -1,6 +1,8 @@
-"""A real full disk for tests: a small tmpfs mounted on a test folder (needs root, as in CI)."""
+"""Full disks for tests: a real one (a small tmpfs mounted on a test folder, needs root as in CI), or
+ENOSPC injected into one module's writes."""
 
 import contextlib
+import errno
 import subprocess
 from pathlib import Path
 
@@ -25,3 +27,21 @@ def resize_tmpfs(folder: Path, size: str) -> None:
 def unmount(folder: Path) -> None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def full_disk_open(name: str):
+    """An `open` to monkeypatch into a module: a file called `name` opened for writing takes a few
+    bytes, then fails with ENOSPC naming no file, as a write to a full disk does. No root needed."""
+    def opener(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if Path(path).name == name and "w" in mode:
+            write = f.write
+
+            def full(data):
+                write(data[:7])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            f.write = full
+        return f
+
+    return opener

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from solo.config import ModelConfig
+from solo.fileio import replace_durably, temp_path
 from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
 
 SOLO_VOCAB = SP_VOCAB_SIZE + len(SPECIAL_TOKENS)  # 33031
@@ -30,7 +31,7 @@ def check_output(output: Path) -> None:
 @contextlib.contextmanager
 def staged_output(output: Path):
     """A temporary folder beside `output`, renamed to `output` only if the block succeeds."""
-    tmp = output.parent / f".tmp-{output.name}-{os.getpid()}"
+    tmp = Path(f"{temp_path(output)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -38,7 +39,7 @@ def staged_output(output: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.replace(tmp, output)
+    replace_durably(tmp, output)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ output folder OUT and shard k, prefix = OUT/shard-{k:05d}:
 * `OUT/manifest.json`         the folder manifest: totals and the list of complete shards.
 
 Every file is written under a `.tmp-` name (`OUT/.tmp-shard-00003.tokens.bin`, ...), fsynced and
-renamed; the directory is fsynced after the renames.
+renamed, and the directory fsynced (solo.fileio).
 
 Reading: `list_shards(folder)` -> the complete, non-empty shard prefixes, sorted;
 `open_shard(prefix, verify_checksum=False)` -> `Shard` (a ShardError names the shard and the fault:
@@ -39,8 +39,6 @@ in torch and the whole core package), and the preprocessing CLI must answer argu
 
 from __future__ import annotations
 
-import errno
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -50,13 +48,23 @@ from pathlib import Path
 
 import numpy as np
 
+from solo.fileio import (
+    CHECKSUM,
+    atomic_write_json,
+    checksum_file,
+    copy_range,
+    discard,
+    fileno_or_none,
+    read_range,
+    replace_durably,
+    temp_path,
+)
 from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
 
 PARTS = {"tokens": np.int32, "loss": np.uint8, "pixels": np.uint8}
 FORMAT_VERSION = 1
 BOS_ID = 1
 PATCH_ID = SP_VOCAB_SIZE + SPECIAL_TOKENS.index("<vpatch>")
-CHECKSUM = "xxh3_128"
 
 
 class ShardError(ValueError):
@@ -98,8 +106,8 @@ class PatchesInFile:
     """uint8 patches of `shape` stored at byte `offset` of the open file `fd`, for
     `ShardWriter.add_sample`: it copies them file to file inside the kernel (os.copy_file_range)
     instead of through this process's memory, which saves ~10% of image preprocessing. Where the
-    kernel cannot (see `_NO_KERNEL_COPY`), or the shard's file has no fd, the bytes are read and
-    written instead: same shard, byte for byte."""
+    kernel cannot (see `solo.fileio.NO_KERNEL_COPY`), or the shard's file has no fd, the bytes are
+    read and written instead: same shard, byte for byte."""
 
     fd: int
     offset: int
@@ -112,99 +120,9 @@ class PatchesInFile:
         return self.shape[0] * self.shape[1]
 
 
-# copy_file_range errors that mean "not here, not between these files": the read/write fallback
-# copies instead. EXDEV: across file systems before Linux 5.3 (and again since 5.19); EINVAL,
-# EOPNOTSUPP: file systems without it; ENOSYS: kernels before 4.5; EPERM: seccomp filters that
-# do not know the call (older Docker and libseccomp); EBADF, ETXTBSY: fds the call refuses
-# (O_APPEND, swap files).
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM,
-                             errno.EBADF, errno.ETXTBSY})
-_CHUNK = 1 << 24
-
-
-def _copy_file_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
-    """Append `nbytes` at `offset` of src to dst (at its current position)."""
-    kernel = hasattr(os, "copy_file_range")  # not on macOS or Windows
-    while nbytes:
-        n = 0
-        if kernel:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, nbytes, offset)
-            except OSError as e:
-                if e.errno not in _NO_KERNEL_COPY:
-                    raise
-                kernel = False
-        if n == 0:
-            # Also when the kernel copied nothing: some file systems (overlayfs, FUSE, procfs-like)
-            # answer 0 before the end of the file. Only pread can tell the file really ends there.
-            n = os.write(dst_fd, _pread_some(src_fd, offset, nbytes))
-        offset, nbytes = offset + n, nbytes - n
-
-
-def _pread_some(fd: int, offset: int, nbytes: int) -> bytes:
-    """Up to `nbytes` (at most one chunk) at `offset`; EIO if the file ends before any."""
-    data = os.pread(fd, min(nbytes, _CHUNK), offset)
-    if not data:
-        raise OSError(errno.EIO, f"source file ended {nbytes} bytes early (at byte {offset})")
-    return data
-
-
 def _read_patches(p: PatchesInFile) -> np.ndarray:
     """The patches `p` points at, read into memory (for a data file that has no fd)."""
-    out = np.empty(p.nbytes, np.uint8)
-    done = 0
-    while done < p.nbytes:
-        data = _pread_some(p.fd, p.offset + done, p.nbytes - done)
-        out[done:done + len(data)] = np.frombuffer(data, np.uint8)
-        done += len(data)
-    return out
-
-
-def _fileno(f) -> int | None:
-    try:
-        return f.fileno()
-    except (AttributeError, io.UnsupportedOperation):  # e.g. megatron-core's MultiStorageClient files
-        return None
-
-
-def checksum_file(path: str | Path) -> str:
-    """xxh3-128 of the file: a checksum against corruption, at ~10 GB/s (sha256 runs at ~1.3 GB/s
-    and was 6% of the image pipeline's time on raw patches)."""
-    import xxhash
-
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        _fsync_replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: no half-written temporary stays behind
-        if e.filename is None:  # a failed write or flush names no file
-            e.filename = str(tmp)
-        raise
-    fsync_dir(path.parent)
+    return np.frombuffer(read_range(p.fd, p.offset, p.nbytes), np.uint8)
 
 
 @contextmanager
@@ -232,7 +150,7 @@ class ShardWriter:
         self.prefix = Path(prefix)
         self.patch_dim = 3 * patch_size**2
         self.seq_length = seq_length
-        self.tmp = {part: self.prefix.with_name(f".tmp-{self.prefix.name}.{part}") for part in PARTS}
+        self.tmp = {part: temp_path(f"{self.prefix}.{part}") for part in PARTS}
         self.builders = {part: IndexedDatasetBuilder(f"{self.tmp[part]}.bin", dtype=dtype)
                          for part, dtype in PARTS.items()}
         self.counts = dict.fromkeys(("samples", "sequences", "tokens", "text_tokens", "loss_tokens",
@@ -273,12 +191,12 @@ class ShardWriter:
             # Pixels image by image: concatenating a sample's images first would allocate ~100 MB
             # per sample, and fresh pages cost more than the copies themselves.
             pixels = self.builders["pixels"]
-            fd = _fileno(pixels.data_file)
+            fd = fileno_or_none(pixels.data_file)
             for p in patches:
                 if isinstance(p, PatchesInFile) and fd is not None:
                     # What add_item does, minus its two copies in memory: bytes, then the length.
                     pixels.data_file.flush()
-                    _copy_file_range(p.fd, fd, p.offset, p.nbytes)
+                    copy_range(p.fd, fd, p.offset, p.nbytes)
                     pixels.data_file.seek(0, os.SEEK_END)  # the buffered file object learns the new end
                     pixels.sequence_lengths.append(p.nbytes)
                 else:
@@ -305,7 +223,7 @@ class ShardWriter:
                     files[f"{self.prefix.name}.{part}.{ext}"] = {"bytes": tmp.stat().st_size, CHECKSUM: checksum_file(tmp)}
             for part in PARTS:
                 for ext in ("bin", "idx"):
-                    _fsync_replace(Path(f"{self.tmp[part]}.{ext}"), Path(f"{self.prefix}.{part}.{ext}"))
+                    replace_durably(f"{self.tmp[part]}.{ext}", f"{self.prefix}.{part}.{ext}")
             seq_length = self.seq_length or manifest.get("seq_length")
             counts = {**self.counts, **manifest.get("counts", {})}
             if seq_length:
@@ -314,18 +232,14 @@ class ShardWriter:
                 counts["fill"] = round(counts["tokens"] / capacity, 6) if capacity else 0.0
             manifest = {**manifest, "format_version": FORMAT_VERSION, "samples": self.samples,
                         "counts": counts, "files": files}
-            write_json_atomic(Path(f"{self.prefix}.json"), manifest)
+            atomic_write_json(f"{self.prefix}.json", manifest)
         return manifest
 
     def abort(self) -> None:
         """Remove what this writer wrote, also after a failed `finish`; a full disk cannot stop it."""
         for part, builder in self.builders.items():
-            try:
-                builder.data_file.close()  # flushing the buffer to a full disk fails again (and closes)
-            except OSError:
-                pass
-            for ext in ("bin", "idx"):
-                Path(f"{self.tmp[part]}.{ext}").unlink(missing_ok=True)
+            discard(f"{self.tmp[part]}.bin", builder.data_file)
+            discard(f"{self.tmp[part]}.idx")
         if not Path(f"{self.prefix}.json").exists():  # parts renamed before the manifest failed
             for part in PARTS:
                 for ext in ("bin", "idx"):

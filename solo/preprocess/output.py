@@ -16,7 +16,8 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from solo.data.shards import FORMAT_VERSION, fsync_dir, write_json_atomic
+from solo.data.shards import FORMAT_VERSION
+from solo.fileio import TEMP_PREFIX, atomic_write_json, fsync_dir
 from solo.preprocess import __version__
 
 
@@ -80,14 +81,14 @@ def folder_manifest(out: Path, spec: dict, spec_sha: str, planned: int, done: di
                     "bytes": sum(f["bytes"] for f in m["files"].values())}
                    for k, m in sorted(done.items())],
     }
-    write_json_atomic(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
 
 def remove_stale_temps(out: Path) -> None:
     """What a killed or failed run leaves (never visible as shards), removed before writing again:
     temp files, and the parts of a shard stopped while renaming them, before its manifest."""
-    for stale in out.glob(".tmp-*"):
+    for stale in out.glob(f"{TEMP_PREFIX}*"):
         stale.unlink()
     for part in out.glob("shard-*.*.*"):  # shard-00003.tokens.bin, ...
         if not (out / f"{part.name.split('.')[0]}.json").exists():

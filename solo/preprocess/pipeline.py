@@ -24,13 +24,13 @@ import sys
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
+from solo.fileio import discard, naming, temp_path
 from solo.preprocess import __version__, output
 from solo.preprocess.documents import Document, Layout, Skip, build
 from solo.preprocess.packing import pack
@@ -62,7 +62,8 @@ class _Spill:
         self.path, self.file, self.offset = path, None, 0
 
     def add(self, patches: np.ndarray) -> PatchesInFile:
-        with self._named():
+        # A failed write (ENOSPC) names no file; the CLI's error must say which disk is full.
+        with naming(self.path):
             if self.file is None:
                 self.file = open(self.path, "w+b")
             self.file.write(np.ascontiguousarray(patches).data)
@@ -71,26 +72,11 @@ class _Spill:
 
     def finish_writing(self) -> None:
         if self.file is not None:
-            with self._named():
+            with naming(self.path):
                 self.file.flush()
 
-    @contextmanager
-    def _named(self):
-        # A failed write (ENOSPC) names no file; the CLI's error must say which disk is full.
-        try:
-            yield
-        except OSError as e:
-            if e.filename is None:
-                e.filename = str(self.path)
-            raise
-
     def remove(self) -> None:
-        if self.file is not None:
-            try:
-                self.file.close()  # flushing what is buffered to a full disk fails again (and closes)
-            except OSError:
-                pass
-        self.path.unlink(missing_ok=True)
+        discard(self.path, self.file)
 
 
 def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: Path, spec_sha: str,
@@ -98,7 +84,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
     """Read, build, pack and write shard `task.index`; returns its manifest."""
     prefix = shard_prefix(out, task.index)
     writer = ShardWriter(prefix, options.patch_size, options.seq_length)
-    spill = _Spill(out / f".tmp-{prefix.name}.spill")
+    spill = _Spill(temp_path(f"{prefix}.spill"))
     try:
         docs: list[tuple[np.ndarray, np.ndarray, list]] = []
         skipped: Counter = Counter()
