@@ -33,7 +33,7 @@ def test_prefetched_steps_equal_direct_reads_and_run_ahead(folders):
             micro = prefetch.get(step)
             expected = data.rank_batch(step, 1, 2)
             assert len(micro) == 2
-            for batch, i in zip(micro, (0, 2)):
+            for batch, i in zip(micro, (0, 2), strict=True):
                 direct = collate(expected[i:i + 2], data.seq_length, 0)
                 for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "patches"):
                     assert torch.equal(getattr(batch, name), getattr(direct, name)), name
