@@ -86,7 +86,8 @@ def packed_row(seq: int, patch_size: int, rng, image_fraction: float = 0.35, tex
 
 
 def bench_config(model: ModelConfig, seq: int, bf16: bool, recompute_layers: int, steps: int) -> TrainConfig:
-    """One micro batch of one packed row per step; Adam as in the stage configs, a constant LR."""
+    """One micro batch of one packed row per step; Adam with the default betas, weight decay and
+    clipping, at a constant LR."""
     return TrainConfig(
         stage="benchmark", model=model, data=DataConfig(seq_length_tokens=seq), train_steps=steps,
         global_batch_size=1, micro_batch_size=1, precision="bf16" if bf16 else "fp32",
