@@ -168,10 +168,11 @@ def _load_state(training: Training, resume: Path | None, init: Path | None) -> i
     """Load what the run starts from; returns the step to continue at."""
     t = training
     if resume is not None:
-        # The RNG states are saved as one object per (pipeline, tensor) rank (solo.checkpoint):
-        # under another layout the saved grid does not match this one and no state is this rank's.
-        # A resharded resume keeps its freshly seeded generators; weights, optimizer and schedule
-        # still resume exactly.
+        # RNG states are saved one per (pipeline, tensor) rank (solo.checkpoint): only under the
+        # layout they were saved with are they this rank's generators (another TP/PP size splits
+        # the model otherwise, and the saved grid need not even match). A resharded resume keeps
+        # its freshly seeded generators: weights, optimizer and schedule still load exactly, and
+        # bit-exact resumption is promised for the same layout only.
         same_layout = read_meta(resume).get("parallel") == t.layout
         return load_checkpoint(resume, t.model, t.optimizer, t.scheduler, load_rng=same_layout)["step"]
     if init is not None:
