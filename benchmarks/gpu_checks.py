@@ -15,7 +15,7 @@ Checks (one PASS/FAIL line each, exit status 1 if any fails):
                  the gradients agree with the local backend's.
 
 No tokenizer file is needed: documents are random text ids plus the real SOLO image-token layout
-(ids from `solo.tokenizer`'s constants), so mistral-common need not be installed.
+(ids from `solo.tokenizer.TOKEN_IDS`), so mistral-common need not be installed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,16 +34,10 @@ from solo.data.batch import attention_inputs, collate  # noqa: E402
 from solo.data.shards import PackedSample  # noqa: E402
 from solo.distributed import destroy_distributed, device, init_distributed  # noqa: E402
 from solo.model import build_model  # noqa: E402
-from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
+from solo.tokenizer import SP_VOCAB_SIZE, TOKEN_IDS  # noqa: E402
 from solo.vision import image_token_ids  # noqa: E402
 
-# The ids SOLOTokenizer would give, without loading its sentencepiece model.
-IDS = SimpleNamespace(
-    bos_id=1, eos_id=2, pad_id=0,
-    **{name: SP_VOCAB_SIZE + SPECIAL_TOKENS.index(tok) for name, tok in [
-        ("vision_start_id", "<vision>"), ("patch_id", "<vpatch>"),
-        ("row_sep_id", "<vrow_sep>"), ("vision_end_id", "</vision>")]},
-)
+IDS = TOKEN_IDS  # the ids SOLOTokenizer gives, without loading its sentencepiece model
 
 MODEL = ModelConfig(preset="tiny", num_layers=2, hidden_size=256, num_attention_heads=4,
                     num_query_groups=2, ffn_hidden_size=512, patch_size=32)
@@ -123,10 +116,10 @@ def check_isolation(dtype_name, bf16, tol, seq):
     # Change the FIRST document (text and pixels): causal attention alone would let every later
     # document see it, so only the document mask keeps documents 1..4 unchanged.
     altered = list(docs)
-    t, l, p = docs[0]
-    altered[0] = (t[:-5] + [7, 8, 9, 10, IDS.eos_id], l, 255 - p)  # other pixels, other caption tail
-    t, l, p = docs[1]
-    altered[1] = ([t[0]] + t[1:-1][::-1] + [t[-1]], l, p)  # same length, other text
+    t, mask, p = docs[0]
+    altered[0] = (t[:-5] + [7, 8, 9, 10, IDS.eos_id], mask, 255 - p)  # other pixels, other caption tail
+    t, mask, p = docs[1]
+    altered[1] = ([t[0]] + t[1:-1][::-1] + [t[-1]], mask, p)  # same length, other text
     out = logits(model, batch_of(altered, seq), "flex")
     later = max_diff(out[bounds[2]:bounds[-1]], ref[bounds[2]:bounds[-1]])
     moved = max_diff(out[:bounds[1]], ref[:bounds[1]])

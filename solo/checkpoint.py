@@ -13,16 +13,14 @@ checkpoint loads at TP=1). This module adds what a month-long run needs around i
   says so; the previous checkpoint stays `latest`. `.tmp-iter_*` folders left by a crash are
   removed by the next save.
 
-`fault_injected` is the one test hook (tests/test_reliability.py): off unless SOLO_FAULT_INJECT is set.
+A save passes the `crash_in_save` point of `solo.faults` (off unless SOLO_FAULT_INJECT is set).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from megatron_patches import optimizer_state, safe_load
 from solo.config import ModelConfig
+from solo.faults import crash_if_injected
 from solo.fileio import atomic_write_text, replace_durably
 
 # Every checkpoint read in solo-megatron goes through this module or follows its import: from here
@@ -52,21 +51,6 @@ class CheckpointError(RuntimeError):
     pass
 
 
-FAULT_ENV = "SOLO_FAULT_INJECT"
-
-
-def fault_injected(point: str, step: int) -> bool:
-    """Test hook: is `point@step=N` (N = the step as logged, 1-based) in $SOLO_FAULT_INJECT?
-
-    Comma-separated, e.g. `SOLO_FAULT_INJECT=nonfinite_loss@step=3`. Points:
-    * `nonfinite_loss`: solo.train multiplies that step's per-token loss by NaN inside the forward
-      step, so the loss and every gradient are NaN, as in a real divergence;
-    * `nonfinite_grad`: solo.train makes that step's gradients NaN while its loss stays finite;
-    * `crash_in_save`: every rank SIGKILLs itself once that step's tensors are written, before the
-      rename that commits the checkpoint.
-    """
-    spec = os.environ.get(FAULT_ENV, "")
-    return f"{point}@step={step}" in (item.strip() for item in spec.split(","))
 
 
 def _barrier() -> None:
@@ -177,8 +161,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
             f"removed; the last complete checkpoint is {latest_checkpoint(save_dir)}."
         ) from e
     _barrier()
-    if fault_injected("crash_in_save", step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    crash_if_injected("crash_in_save", step)
     if dist.get_rank() == 0:
         atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step}, indent=2))
         shutil.rmtree(final, ignore_errors=True)

@@ -83,6 +83,7 @@ def transformer_config(
     parallel: ParallelConfig,
     bf16: bool = False,
     recompute_num_layers: int = 0,
+    use_cpu_initialization: bool = True,
 ) -> TransformerConfig:
     """Mistral-style decoder (SwiGLU, RMSNorm, GQA, no biases, no dropout) as megatron-core sees it."""
     recompute = (
@@ -110,8 +111,9 @@ def transformer_config(
         context_parallel_size=parallel.context_parallel,
         sequence_parallel=parallel.sequence_parallel,
         # Weights are initialized whole on the CPU and then split, so every TP size starts from
-        # the same model (and the TP=1 vs TP=2 parity tests are exact).
-        use_cpu_initialization=True,
+        # the same model (and the TP=1 vs TP=2 parity tests are exact). False (on the GPU) is for
+        # models too big to initialize on the CPU in reasonable time (the 7B benchmark).
+        use_cpu_initialization=use_cpu_initialization,
         calculate_per_token_loss=True,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -209,10 +211,12 @@ def build_model(
     backend: str | None = None,
     bf16: bool = False,
     recompute_num_layers: int = 0,
+    use_cpu_initialization: bool = True,
 ) -> SOLOModel:
     """Build this rank's SOLOModel (model-parallel groups must be initialized)."""
     backend = backend or default_backend()
-    config = transformer_config(model, parallel, bf16=bf16, recompute_num_layers=recompute_num_layers)
+    config = transformer_config(model, parallel, bf16=bf16, recompute_num_layers=recompute_num_layers,
+                                use_cpu_initialization=use_cpu_initialization)
     solo = SOLOModel(
         config, model, backend,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -23,9 +23,8 @@ sentencepiece string (one leading dummy space dropped), so
 byte fallback make `decode(encode(t)) == t` for any text except one containing U+2581 "▁" itself,
 sentencepiece's space marker, which decodes as a space.
 
-Padding uses id 0 (`<unk>`): with byte fallback sentencepiece never emits it for real text, and
-unlike `</s>` it cannot be mistaken for an end-of-document marker by EOD-based position/mask
-resets. Pad positions never carry loss.
+The fixed ids are also plain constants (`TOKEN_IDS`), for code that must not load sentencepiece
+to know them: the training loop (padding) and the benchmarks.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import sentencepiece as spm
 
@@ -50,6 +50,34 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|im_start|>",
     "<|im_end|>",
 )
+
+
+def special_id(token: str) -> int:
+    """Id of a SOLO special token, from the order above (no tokenizer file needed)."""
+    return SP_VOCAB_SIZE + SPECIAL_TOKENS.index(token)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The fixed ids, for code that must not load sentencepiece to know them (training, benchmarks)."""
+
+    unk_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    # Padding is <unk>: with byte fallback sentencepiece never emits it for real text, and unlike
+    # </s> it cannot be mistaken for an end-of-document marker by EOD-based position/mask resets.
+    # Pad positions never carry loss.
+    pad_id: int = 0
+    vision_start_id: int = special_id("<vision>")
+    patch_id: int = special_id("<vpatch>")
+    row_sep_id: int = special_id("<vrow_sep>")
+    frame_sep_id: int = special_id("<vframe_sep>")
+    vision_end_id: int = special_id("</vision>")
+    im_start_id: int = special_id("<|im_start|>")
+    im_end_id: int = special_id("<|im_end|>")
+
+
+TOKEN_IDS = TokenIds()
 
 
 def default_model_file() -> str:
@@ -127,7 +155,7 @@ class SOLOTokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self._sp.unk_id()  # see the module docstring
+        return TOKEN_IDS.pad_id
 
     vision_start_id = property(lambda self: self.special_tokens["<vision>"])
     patch_id = property(lambda self: self.special_tokens["<vpatch>"])

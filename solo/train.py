@@ -1,6 +1,8 @@
 """The training loop: `solo-train CONFIG.yaml [key=value ...]` under torchrun.
 
-Read it top to bottom. megatron-core does the heavy lifting: parallel groups
+Read `train` top to bottom: checks, `build_training`, resume, then the loop (read ahead -> step ->
+log -> save -> preemption). `train_step` is the one training step; benchmarks/train_throughput.py
+times that same function. megatron-core does the heavy lifting: parallel groups
 (`initialize_model_parallel`), the model (`GPTModel` via `solo.model`), gradient reduction
 (`DistributedDataParallel`), the sharded optimizer (`get_megatron_optimizer` with
 `use_distributed_optimizer`), the LR/WD schedule (`OptimizerParamScheduler`), micro-batching
@@ -19,16 +21,26 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
+from solo import config as solo_config
 from solo.checkpoint import (
     CheckpointError,
     check_model_shape,
     check_stage_finished,
-    fault_injected,
     latest_checkpoint,
     load_checkpoint,
     model_meta,
@@ -36,15 +48,16 @@ from solo.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from solo.config import ConfigError, TrainConfig, load_config
-from solo.data.batch import attention_inputs
+from solo.config import ConfigError, ParallelConfig, TrainConfig, load_config
+from solo.data.batch import PackedBatch, attention_inputs
 from solo.data.dataset import StageData
 from solo.data.prefetch import StepPrefetcher
 from solo.data.shards import ShardError
 from solo.distributed import destroy_distributed, device, init_distributed
+from solo.faults import inject_into_forward_step
 from solo.metrics import MetricsLogger, training_flops
-from solo.model import build_model
-from solo.tokenizer import SOLOTokenizer
+from solo.model import SOLOModel, build_model
+from solo.tokenizer import TOKEN_IDS
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,25 +89,71 @@ class StopRequest:
 
 
 def train(cfg: TrainConfig) -> dict:
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.module import Float16Module
-
-    gpu = torch.cuda.is_available()
-    bf16 = gpu and cfg.precision == "bf16"
     p = cfg.parallel
     init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, seed=cfg.seed)
-    dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+
+    # 1. Everything that can be wrong with the inputs is checked before any compute.
+    num_microbatches(cfg)
+    data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size)
+    resume, init = _checkpoints_to_load(cfg)
+
+    # 2. Model, optimizer, schedule, and the state they start from.
+    training = build_training(cfg, data.train_steps)
+    step = _load_state(training, resume, init)
+
+    # 3. The loop.
+    steps = data.train_steps
+    log = MetricsLogger(cfg, start_step=step, total_steps=steps, sources=data.sources)
+    log.info(f"stage {cfg.stage}: steps {step} -> {steps}, {training.layout}, backend {training.model.backend}, "
+             f"{training.precision}, " + ("resumed from " + str(resume) if resume else
+                                          "initialized from " + str(init) if init else "random init"))
+    stop = StopRequest()
+    meta = model_meta(cfg.model, training.layout, stage=cfg.stage, train_steps=steps, config=dataclasses.asdict(cfg))
+    last_saved = resume
+    result = {"stage": cfg.stage, "steps": steps, "losses": []}
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), training.layout["data_parallel"]
+
+    with StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, TOKEN_IDS.pad_id) as prefetch:
+        while step < steps:
+            started = time.perf_counter()
+            micro_batches = prefetch.get(step)  # read and collated (on the CPU) while the last step ran
+            done = train_step(training, micro_batches, step)
+            if done.fault:
+                if cfg.nonfinite_loss == "stop" or done.weights_touched:
+                    raise NonFiniteLoss(f"{done.fault}; stopping. The last good checkpoint is {last_saved}")
+                log.info(f"{done.fault}; skipping this batch (nonfinite_loss=skip)")
+            step += 1
+            log.step(step, dataclasses.asdict(done.stats), lr=done.lr, grad_norm=done.grad_norm,
+                     seconds=time.perf_counter() - started, flops=done.flops)
+            result["losses"].append(done.stats.loss)
+
+            preempted = stop.agreed()
+            if step % cfg.save_interval_steps == 0 or step == steps or preempted:
+                last_saved = save_checkpoint(cfg.save_dir, step, training.model, training.optimizer,
+                                             training.scheduler, meta, cfg.keep_checkpoints)
+                log.info(f"saved {last_saved}")
+            if preempted:
+                log.info(f"stop requested ({stop.requested or 'signal on another rank'}): saved step {step}, exiting")
+                result["preempted"] = True
+                break
+    result["checkpoint"] = str(last_saved)
+    log.close(result)
+    return result
+
+
+# -- checks and resumption ------------------------------------------------------------------------
+
+def num_microbatches(cfg: TrainConfig) -> int:
+    """Micro batches per step and data-parallel rank (megatron-core's groups must be initialized)."""
+    dp_size = parallel_state.get_data_parallel_world_size()
     if cfg.global_batch_size % (dp_size * cfg.micro_batch_size):
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by "
                          f"data-parallel size {dp_size} x micro_batch_size {cfg.micro_batch_size}")
+    return cfg.global_batch_size // (dp_size * cfg.micro_batch_size)
 
-    # 1. Everything that can be wrong with the inputs is checked before any compute.
-    data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size)
+
+def _checkpoints_to_load(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
+    """(this run's latest checkpoint, or None; else the previous stage's `init_from`, or None), checked."""
     resume = latest_checkpoint(cfg.save_dir)
     init = resolve_checkpoint(cfg.init_from) if (cfg.init_from and resume is None) else None
     for checkpoint in (resume, init):
@@ -102,38 +161,131 @@ def train(cfg: TrainConfig) -> dict:
             check_model_shape(checkpoint, cfg.model)
     if init is not None:
         check_stage_finished(cfg.init_from, init)
-    pad_id = SOLOTokenizer.default().pad_id
+    return resume, init
 
-    # 2. Model, optimizer, schedule.
-    model = build_model(cfg.model, p, bf16=bf16, recompute_num_layers=cfg.recompute_num_layers)
+
+def _load_state(training: Training, resume: Path | None, init: Path | None) -> int:
+    """Load what the run starts from; returns the step to continue at."""
+    t = training
+    if resume is not None:
+        # RNG states are saved one per (pipeline, tensor) rank (solo.checkpoint): only under the
+        # layout they were saved with are they this rank's generators (another TP/PP size splits
+        # the model otherwise, and the saved grid need not even match). A resharded resume keeps
+        # its freshly seeded generators: weights, optimizer and schedule still load exactly, and
+        # bit-exact resumption is promised for the same layout only.
+        same_layout = read_meta(resume).get("parallel") == t.layout
+        return load_checkpoint(resume, t.model, t.optimizer, t.scheduler, load_rng=same_layout)["step"]
+    if init is not None:
+        load_checkpoint(init, t.model, load_rng=False)  # weights only: fresh optimizer and schedule
+    return 0
+
+
+# -- the step ---------------------------------------------------------------------------------------
+
+@dataclass
+class Training:
+    """What a training step needs, built once by `build_training`."""
+
+    model: SOLOModel  # this rank's model, unwrapped: what checkpoints save and load
+    ddp: DistributedDataParallel  # the model (under Float16Module for bf16) with megatron-core's grad buffers
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    forward_backward: Callable  # megatron-core's schedule over the micro batches (get_forward_backward_func)
+    forward_step: Callable  # (data_iterator, model) -> (per-token loss, loss function): consumes one micro batch
+    num_microbatches: int  # per step and data-parallel rank
+    micro_batch_size: int
+    global_batch_size: int
+    seq_length: int
+    layout: dict  # tensor/pipeline/data-parallel sizes, as recorded in checkpoints
+    precision: str  # "bf16" or "fp32", as run (the CPU always runs fp32)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """A step's losses and what it cost, summed over the data-parallel ranks and pipeline stages."""
+
+    loss: float  # mean over the step's target tokens (the NaN/inf itself when not finite)
+    vl_loss: float | None  # over tokens of documents with an image; None if the step had none
+    text_loss: float | None  # over the other target tokens
+    loss_tokens: float
+    tokens: float  # input tokens, padding included
+    attention_pairs: float  # (query, key) pairs attended: causal, within documents
+
+
+@dataclass(frozen=True)
+class StepResult:
+    stats: StepStats
+    lr: float  # after the schedule's step: the next step's
+    grad_norm: float  # NaN for a faulty step
+    flops: float  # model FLOPs of the step, all ranks (solo.metrics.training_flops)
+    fault: str | None  # the non-finite verdict: what went wrong at which step and data position, or None
+    weights_touched: bool  # the fault reached the weights (the FP32Optimizer has no inf/NaN check)
+
+
+def build_training(cfg: TrainConfig, train_steps: int, *, backend: str | None = None,
+                   use_cpu_initialization: bool = True) -> Training:
+    """This rank's model, DDP, optimizer and a `train_steps` schedule (megatron-core's groups must be
+    initialized: `solo.distributed.init_distributed`). `backend`: attention backend, by default
+    `solo.model.default_backend()`; `use_cpu_initialization=False` initializes the weights on the GPU
+    (for the 7B benchmark; training keeps the TP-independent CPU initialization)."""
+    gpu = torch.cuda.is_available()
+    bf16 = gpu and cfg.precision == "bf16"
+    p = cfg.parallel
+    model = build_model(cfg.model, p, backend=backend, bf16=bf16, recompute_num_layers=cfg.recompute_num_layers,
+                        use_cpu_initialization=use_cpu_initialization)
+    ddp = _data_parallel(model, p, bf16=bf16, gpu=gpu)
+    optimizer = get_megatron_optimizer(_optimizer_config(cfg.optimizer, p, bf16, model.config.params_dtype), [ddp])
+    return Training(
+        model=model, ddp=ddp, optimizer=optimizer, scheduler=_schedule(optimizer, cfg.optimizer, train_steps),
+        forward_backward=get_forward_backward_func(), forward_step=partial(_forward_step, model.backend),
+        num_microbatches=num_microbatches(cfg), micro_batch_size=cfg.micro_batch_size,
+        global_batch_size=cfg.global_batch_size, seq_length=cfg.data.seq_length_tokens,
+        layout={"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+                "data_parallel": parallel_state.get_data_parallel_world_size()},
+        precision="bf16" if bf16 else "fp32",
+    )
+
+
+def _data_parallel(model: SOLOModel, p: ParallelConfig, bf16: bool, gpu: bool) -> DistributedDataParallel:
     config = model.config
-    module = Float16Module(config, model) if bf16 else model
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=gpu, use_distributed_optimizer=p.use_distributed_optimizer,
+            # Gradients are reduced per bucket of 40M parameters as soon as its backward is done,
+            # overlapping the rest of backward: megatron-core's own default up to 40 data-parallel
+            # ranks, pinned so buckets (and the reduction order) do not grow with the cluster.
+            # Without overlap (CPU) megatron-core reduces everything as one bucket after backward.
             bucket_size=40_000_000 if gpu else None,
         ),
-        module=module,
+        module=Float16Module(config, model) if bf16 else model,
     )
+    # megatron-core's schedule (get_forward_backward_func) finds these on the model config, not as
+    # arguments: it calls `finalize_model_grads_func` after the last micro batch's backward to finish
+    # the data-parallel reduction and divide the gradients by the step's global count of loss tokens
+    # (calculate_per_token_loss); `no_sync_func` keeps the overlapped bucket reduction from firing
+    # on every micro batch but the last (without overlap, CPU, nothing fires early to suppress).
     config.finalize_model_grads_func = finalize_model_grads
     if gpu:
         config.no_sync_func = ddp.no_sync
-    o = cfg.optimizer
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-            bf16=bf16, params_dtype=config.params_dtype, use_distributed_optimizer=p.use_distributed_optimizer,
-            # A constant loss scale of 1 changes no number (the loss is never multiplied by it here)
-            # but turns on megatron-core's inf/NaN check of the gradients: a step whose gradients
-            # are not finite is skipped inside optimizer.step() instead of writing NaN into weights.
-            loss_scale=1.0,
-        ),
-        [ddp],
+    return ddp
+
+
+def _optimizer_config(o: solo_config.OptimizerConfig, p: ParallelConfig, bf16: bool,
+                      params_dtype: torch.dtype) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=bf16, params_dtype=params_dtype, use_distributed_optimizer=p.use_distributed_optimizer,
+        # A constant loss scale of 1 changes no number (the loss is never multiplied by it here)
+        # but turns on megatron-core's inf/NaN check of the gradients: a step whose gradients
+        # are not finite is skipped inside optimizer.step() instead of writing NaN into weights.
+        loss_scale=1.0,
     )
-    steps = data.train_steps
-    scheduler = OptimizerParamScheduler(
+
+
+def _schedule(optimizer: MegatronOptimizer, o: solo_config.OptimizerConfig, steps: int) -> OptimizerParamScheduler:
+    return OptimizerParamScheduler(
         # megatron-core needs warmup < decay steps: short runs (tests, demos) warm up for less.
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=min(o.lr_warmup_steps, steps - 1),
         lr_decay_steps=steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
@@ -142,81 +294,40 @@ def train(cfg: TrainConfig) -> dict:
         # keep the checkpoint's values and ignore a changed optimizer.lr or train_steps).
         use_checkpoint_opt_param_scheduler=False,
     )
-    layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
-              "data_parallel": dp_size}
-    step = 0
-    if resume is not None:
-        same_layout = read_meta(resume).get("parallel") == layout
-        step = load_checkpoint(resume, model, optimizer, scheduler, load_rng=same_layout)["step"]
-    elif init is not None:
-        load_checkpoint(init, model, load_rng=False)  # weights only: fresh optimizer and schedule
 
-    # 3. The loop.
-    log = MetricsLogger(cfg, start_step=step, total_steps=steps, sources=data.sources)
-    log.info(f"stage {cfg.stage}: steps {step} -> {steps}, {layout}, backend {model.backend}, "
-             f"{'bf16' if bf16 else 'fp32'}, " + ("resumed from " + str(resume) if resume else
-                                                  "initialized from " + str(init) if init else "random init"))
-    stop = StopRequest()
-    forward_backward = get_forward_backward_func()
-    microbatches = cfg.global_batch_size // (dp_size * cfg.micro_batch_size)
-    meta = model_meta(cfg.model, layout, stage=cfg.stage, train_steps=steps, config=dataclasses.asdict(cfg))
-    last_saved = resume
-    result = {"stage": cfg.stage, "steps": steps, "losses": []}
-    prefetch = StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, pad_id)
 
-    while step < steps:
-        started = time.perf_counter()
-        micro_batches = prefetch.get(step)  # read and collated (on the CPU) while the last step ran
-        batches = (b.to(device()) for b in micro_batches)  # one micro batch on the device at a time
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        forward_step = partial(_forward_step, model.backend)
-        if fault_injected("nonfinite_loss", step + 1):
-            forward_step = _nan_loss(forward_step)
-        if fault_injected("nonfinite_grad", step + 1):
-            forward_step = _nan_grad(forward_step)
-        reduced = forward_backward(
-            forward_step_func=forward_step, data_iterator=batches,
-            model=[ddp], num_microbatches=microbatches, seq_length=data.seq_length,
-            micro_batch_size=cfg.micro_batch_size, forward_only=False,
-        )
-        stats = _reduce_stats(reduced, micro_batches)
-        position = (f"at step {step + 1} (data position: blend samples {step * cfg.global_batch_size}.."
-                    f"{(step + 1) * cfg.global_batch_size - 1})")
-        if not math.isfinite(stats["loss"]):
-            fault, weights_touched = f"non-finite loss {stats['loss']} {position}", False
-        else:
-            updated, grad_norm, _ = optimizer.step()
-            # Not updated: megatron-core found inf/NaN gradients and skipped the step. Updated with a
-            # non-finite norm: the FP32Optimizer (no distributed optimizer) has no such check.
-            fault = None if updated and math.isfinite(grad_norm) else (
-                f"non-finite gradients {position} with a finite loss {stats['loss']:.4f}")
-            weights_touched = updated
-        if fault:
-            if cfg.nonfinite_loss == "stop" or weights_touched:
-                prefetch.close()
-                raise NonFiniteLoss(f"{fault}; stopping. The last good checkpoint is {last_saved}")
-            log.info(f"{fault}; skipping this batch (nonfinite_loss=skip)")
-            grad_norm = float("nan")
-        scheduler.step(increment=1)
-        step += 1
-        elapsed = time.perf_counter() - started
-        flops = training_flops(cfg.model, stats["tokens"], stats["attention_pairs"])
-        log.step(step, stats, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, seconds=elapsed, flops=flops)
-        result["losses"].append(stats["loss"])
-
-        preempted = stop.agreed()
-        if step % cfg.save_interval_steps == 0 or step == steps or preempted:
-            last_saved = save_checkpoint(cfg.save_dir, step, model, optimizer, scheduler, meta, cfg.keep_checkpoints)
-            log.info(f"saved {last_saved}")
-        if preempted:
-            log.info(f"stop requested ({stop.requested or 'signal on another rank'}): saved step {step}, exiting")
-            result["preempted"] = True
-            break
-    prefetch.close()
-    result["checkpoint"] = str(last_saved)
-    log.close(result)
-    return result
+def train_step(training: Training, micro_batches: list[PackedBatch], step: int) -> StepResult:
+    """One optimizer step (`step`: 0-based) over this rank's collated micro batches of that step:
+    forward and backward through megatron-core's schedule, the statistics reduced over the ranks,
+    the optimizer and schedule steps, and the verdict on a non-finite loss or gradient (a faulty
+    step leaves weights and Adam state as they were, except where `weights_touched` says otherwise)."""
+    t = training
+    t.ddp.zero_grad_buffer()
+    t.optimizer.zero_grad()
+    reduced = t.forward_backward(
+        forward_step_func=inject_into_forward_step(t.forward_step, step + 1),  # off unless SOLO_FAULT_INJECT
+        data_iterator=(b.to(device()) for b in micro_batches),  # one micro batch on the device at a time
+        model=[t.ddp], num_microbatches=t.num_microbatches, seq_length=t.seq_length,
+        micro_batch_size=t.micro_batch_size, forward_only=False,
+    )
+    stats = _reduce_stats(reduced, micro_batches)
+    first, last = step * t.global_batch_size, (step + 1) * t.global_batch_size - 1
+    position = f"at step {step + 1} (data position: blend samples {first}..{last})"
+    if not math.isfinite(stats.loss):
+        fault, weights_touched, grad_norm = f"non-finite loss {stats.loss} {position}", False, float("nan")
+    else:
+        updated, grad_norm, _ = t.optimizer.step()
+        # Not updated: megatron-core found inf/NaN gradients and skipped the step. Updated with a
+        # non-finite norm: the FP32Optimizer (no distributed optimizer) has no such check.
+        fault = None if updated and math.isfinite(grad_norm) else (
+            f"non-finite gradients {position} with a finite loss {stats.loss:.4f}")
+        weights_touched = updated
+    t.scheduler.step(increment=1)
+    return StepResult(
+        stats=stats, lr=t.optimizer.param_groups[0]["lr"], grad_norm=float("nan") if fault else grad_norm,
+        flops=training_flops(t.model.model_config, stats.tokens, stats.attention_pairs),
+        fault=fault, weights_touched=weights_touched,
+    )
 
 
 def _forward_step(backend, data_iterator, model):
@@ -229,34 +340,10 @@ def _forward_step(backend, data_iterator, model):
     return per_token_loss, partial(_loss, batch)
 
 
-def _nan_loss(forward_step):
-    """Fault injection (SOLO_FAULT_INJECT=nonfinite_loss@step=N): the per-token loss times NaN, so
-    the loss and, through backward, every gradient are NaN, as in a real divergence."""
-    def poisoned(data_iterator, model):
-        per_token_loss, loss_func = forward_step(data_iterator, model)
-        return per_token_loss * float("nan"), loss_func
-    return poisoned
-
-
-class _NaNGradient(torch.autograd.Function):
-    """Identity forward, NaN backward: gradients diverge while the loss stays finite."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-def _nan_grad(forward_step):
-    """Fault injection (SOLO_FAULT_INJECT=nonfinite_grad@step=N): that step's gradients are NaN and
-    its loss is not, as when a bad batch overflows in backward only."""
-    def poisoned(data_iterator, model):
-        per_token_loss, loss_func = forward_step(data_iterator, model)
-        return _NaNGradient.apply(per_token_loss), loss_func
-    return poisoned
+# What each micro batch's loss function reports (sums over its target tokens), then the two costs
+# counted from the collated batches; `_reduce_stats` adds them up in one all-reduce, in this order.
+_LOSS_SUMS = ("loss_sum", "loss_tokens", "vl_loss_sum", "vl_loss_tokens")
+_STEP_SUMS = (*_LOSS_SUMS, "tokens", "attention_pairs")
 
 
 def _loss(batch, per_token_loss):
@@ -264,32 +351,30 @@ def _loss(batch, per_token_loss):
     mask = batch.loss_mask
     vision = mask * batch.vision_mask
     total = (per_token_loss * mask).sum()
-    stats = torch.stack([total, mask.sum(), (per_token_loss * vision).sum(), vision.sum()]).detach()
-    return total, mask.sum().to(torch.int), {"stats": stats}
+    sums = dict(zip(_LOSS_SUMS, (total, mask.sum(), (per_token_loss * vision).sum(), vision.sum()), strict=True))
+    return total, mask.sum().to(torch.int), {name: value.detach() for name, value in sums.items()}
 
 
-def _reduce_stats(reduced: list, batches: list) -> dict:
-    """Losses of this step's micro batches (`reduced`) and what they cost (from `batches`, the
-    collated micro batches), summed over the data-parallel ranks."""
-    from megatron.core import parallel_state
-
-    stats = torch.zeros(6, dtype=torch.float64, device=device())
+def _reduce_stats(reduced: list[dict], micro_batches: list[PackedBatch]) -> StepStats:
+    """Losses of this step's micro batches (`reduced`) and what they cost (from `micro_batches`, the
+    collated micro batches), summed over the data-parallel ranks and the pipeline stages."""
+    sums = torch.zeros(len(_STEP_SUMS), dtype=torch.float64, device=device())
     if reduced:  # only the last pipeline stage computes losses
-        stats[:4] = torch.stack([r["stats"] for r in reduced]).sum(0)
+        sums[:len(_LOSS_SUMS)] = torch.stack([torch.stack([r[k] for k in _LOSS_SUMS]) for r in reduced]).sum(0)
     if parallel_state.is_pipeline_first_stage():  # counted once per pipeline
-        stats[4] = sum(b.tokens.numel() for b in batches)
-        lengths = [(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() for b in batches]  # padding: a document
-        stats[5] = sum(float((n * (n + 1) / 2).sum()) for n in lengths)
-    dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-    dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
-    loss_sum, count, vl_sum, vl_count, tokens, pairs = stats.tolist()
-    text_sum, text_count = loss_sum - vl_sum, count - vl_count
-    return {
-        "loss": loss_sum / max(count, 1) if math.isfinite(loss_sum) else loss_sum,
-        "vl_loss": vl_sum / vl_count if vl_count else None,
-        "text_loss": text_sum / text_count if text_count else None,
-        "loss_tokens": count, "tokens": tokens, "attention_pairs": pairs,
-    }
+        sums[_STEP_SUMS.index("tokens")] = sum(b.tokens.numel() for b in micro_batches)
+        lengths = [(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() for b in micro_batches]  # padding: a document
+        sums[_STEP_SUMS.index("attention_pairs")] = sum(float((n * (n + 1) / 2).sum()) for n in lengths)
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+    s = dict(zip(_STEP_SUMS, sums.tolist(), strict=True))
+    text_sum, text_count = s["loss_sum"] - s["vl_loss_sum"], s["loss_tokens"] - s["vl_loss_tokens"]
+    return StepStats(
+        loss=s["loss_sum"] / max(s["loss_tokens"], 1) if math.isfinite(s["loss_sum"]) else s["loss_sum"],
+        vl_loss=s["vl_loss_sum"] / s["vl_loss_tokens"] if s["vl_loss_tokens"] else None,
+        text_loss=text_sum / text_count if text_count else None,
+        loss_tokens=s["loss_tokens"], tokens=s["tokens"], attention_pairs=s["attention_pairs"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 (What they measure on a GPU is in docs/*.log; CI has no GPU.)"""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--cpu-smoke", *args],
+def run(script: str, *args: str, wrapper: tuple[str, ...] = ()) -> str:
+    """`wrapper`: interpreter arguments before the script (e.g. `-c CODE`, which then runs it)."""
+    proc = subprocess.run([sys.executable, *wrapper, str(REPO / "benchmarks" / script), "--cpu-smoke", *args],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -24,7 +26,35 @@ def test_gpu_checks_pass_on_the_cpu():
     assert "isolation[fp32] docs 2-4 unchanged when docs 0 and 1 change" in out
 
 
+# Runs a benchmark with solo.train.train_step wrapped, recording every call's loss and what the
+# step counted, so the test sees which numbers the benchmark got from the trainer's own step.
+COUNT_TRAIN_STEPS = """
+import json, runpy, sys
+import solo.train
+calls, real = [], solo.train.train_step
+def counted(training, micro_batches, step):
+    assert isinstance(training, solo.train.Training), type(training)
+    done = real(training, micro_batches, step)
+    calls.append({"step": step, "loss": done.stats.loss, "flops": done.flops, "tokens": done.stats.tokens})
+    return done
+solo.train.train_step = counted
+calls_file, script, *args = sys.argv[1:]
+sys.argv = [script, *args]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    open(calls_file, "w").write(json.dumps(calls))
+"""
+
+
 def test_train_throughput_runs_the_training_step_path(tmp_path):
-    out = run("train_throughput.py", "--json", str(tmp_path / "result.json"))
+    calls_file, result_file = tmp_path / "calls.json", tmp_path / "result.json"
+    out = run("train_throughput.py", "--json", str(result_file), wrapper=("-c", COUNT_TRAIN_STEPS, str(calls_file)))
     assert "fit over" in out and "vs the SOLO paper's 20K tokens/s" in out, out[-3000:]
     assert (tmp_path / "result.json").read_text().strip().startswith(("{", "["))
+    # Every timed step is solo.train.train_step (smoke: 3 measurements of 1 warm-up + 2 timed steps),
+    # and the losses, tokens and FLOPs the benchmark reports are the ones that step returned.
+    calls, results = json.loads(calls_file.read_text()), json.loads(result_file.read_text())["results"]
+    assert [c["step"] for c in calls] == [0, 1, 2] * 3
+    assert [c["loss"] for c in calls] == [loss for r in results for loss in r["losses"]]
+    assert [(c["flops"], c["tokens"]) for c in calls[2::3]] == [(r["flops"], r["tokens"]) for r in results]

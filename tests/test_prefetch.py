@@ -33,7 +33,7 @@ def test_prefetched_steps_equal_direct_reads_and_run_ahead(folders):
             micro = prefetch.get(step)
             expected = data.rank_batch(step, 1, 2)
             assert len(micro) == 2
-            for batch, i in zip(micro, (0, 2)):
+            for batch, i in zip(micro, (0, 2), strict=True):
                 direct = collate(expected[i:i + 2], data.seq_length, 0)
                 for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "patches"):
                     assert torch.equal(getattr(batch, name), getattr(direct, name)), name
@@ -62,3 +62,15 @@ def test_an_error_while_reading_ahead_surfaces_at_its_step(folders):
             prefetch.get(1)
     finally:
         prefetch.close()
+
+
+def test_leaving_the_with_block_by_an_exception_closes_the_prefetcher(folders):
+    data = StageData(data_config(folders, {"text": 1.0}), global_batch_size=4, train_steps=5)
+    with pytest.raises(RuntimeError, match="the step failed"):
+        with StepPrefetcher(data, 0, 1, 1, 0) as prefetch:
+            prefetch.get(0)
+            assert prefetch._next is not None  # step 1 is being read ahead
+            raise RuntimeError("the step failed")
+    assert prefetch._pool._shutdown
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        prefetch.get(3)  # reads step 3 here, then may not hand step 4 to the closed thread

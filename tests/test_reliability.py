@@ -10,7 +10,7 @@ DCP reader (megatron-core's `torch_dist` format is DCP), so comparing costs no e
 Faults are real too: SIGKILL of the whole job at seeded points, SIGTERM to the ranks, a kill while a
 checkpoint is being committed, a full disk (a small tmpfs: we run as root here; skipped elsewhere),
 corrupted shard files, and NaN losses through the real backward pass. The two hooks that make some
-of them deterministic are `solo.checkpoint.fault_injected` ($SOLO_FAULT_INJECT, off by default).
+of them deterministic are in `solo.faults` ($SOLO_FAULT_INJECT, off by default).
 """
 
 from __future__ import annotations

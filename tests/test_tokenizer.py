@@ -125,3 +125,18 @@ def test_pickle_round_trip(tok):
 def test_wrong_model_file(tmp_path):
     with pytest.raises(OSError):
         SOLOTokenizer(tmp_path / "missing.model")
+
+
+def test_token_id_constants_are_the_tokenizer_ids(tok):
+    """TOKEN_IDS (what training and the benchmarks use instead of loading sentencepiece) says what
+    the real model file says."""
+    from dataclasses import fields
+
+    from solo.tokenizer import TOKEN_IDS
+
+    for field in fields(TOKEN_IDS):
+        if field.name != "pad_id":
+            assert getattr(TOKEN_IDS, field.name) == getattr(tok, field.name), field.name
+    control = (tok._sp.unk_id(), tok._sp.bos_id(), tok._sp.eos_id())  # from the model file itself
+    assert (TOKEN_IDS.unk_id, TOKEN_IDS.bos_id, TOKEN_IDS.eos_id) == control
+    assert tok.id_to_piece(TOKEN_IDS.pad_id) == "<unk>" and tok.pad_id == TOKEN_IDS.pad_id

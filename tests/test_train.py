@@ -67,7 +67,8 @@ def test_three_stages_chain_and_loss_falls_in_each(curriculum):
         assert curve[-1] < curve[0], f"{stage}: loss did not fall: {curve}"
         assert (run / "latest").read_text().strip() == "iter_0000006"
         meta = json.loads((run / "iter_0000006" / "solo_meta.json").read_text())
-        assert meta["step"] == 6 and meta["parallel"] == {"tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 2}
+        layout = {"tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 2}
+        assert meta["step"] == 6 and meta["parallel"] == layout
     # A later stage starts from the previous stage's weights, not from scratch.
     assert losses(curriculum / "runs" / "stage2")[0] < losses(curriculum / "runs" / "stage1")[0] - 0.2
     result = json.loads((curriculum / "runs" / "stage3" / "result.json").read_text())
@@ -170,3 +171,36 @@ def test_resuming_with_another_schedule_is_a_clear_error(curriculum, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the config's schedule differs from the checkpoint's" in proc.stderr and "init_from=" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# solo.train.train in one process (a world of one) with train_step failing at the second step and
+# StepPrefetcher.close recording that it ran; prints the error and the record as the last line.
+STEP_FAILS = """
+import json, sys
+import solo.train
+from solo.config import load_config
+from solo.data.prefetch import StepPrefetcher
+closed, real_close, real_step = [], StepPrefetcher.close, solo.train.train_step
+def close_and_record(self):
+    real_close(self)
+    closed.append(self._pool._shutdown)
+def failing(training, micro_batches, step):
+    if step == 1:
+        raise RuntimeError("injected: the step failed")
+    return real_step(training, micro_batches, step)
+StepPrefetcher.close, solo.train.train_step = close_and_record, failing
+try:
+    solo.train.train(load_config(sys.argv[1], sys.argv[2:]))
+except RuntimeError as e:
+    print(json.dumps({"error": str(e), "closed": closed}))
+"""
+
+
+def test_the_read_ahead_is_closed_when_a_step_raises(tmp_path):
+    write_sources(tmp_path / "shards")
+    config = stage_config(tmp_path, "stage1", save_dir=tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", STEP_FAILS, str(config), "parallel.tensor_parallel=1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"error": "injected: the step failed", "closed": [True]}

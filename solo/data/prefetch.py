@@ -18,7 +18,11 @@ from solo.data.dataset import StageData
 
 class StepPrefetcher:
     """`get(step)` -> the rank's collated micro batches of that step, on the CPU; meanwhile the next
-    step is prepared. Errors (a damaged shard) surface from `get` of the step they belong to."""
+    step is prepared. Errors (a damaged shard) surface from `get` of the step they belong to.
+
+    A context manager: leaving the `with` block, after the last step or by an exception, cancels
+    a read ahead that has not started and lets the thread end (Python joins an executor's threads
+    at exit, so a step that raises would otherwise still wait for the next step's read)."""
 
     def __init__(self, data: StageData, dp_rank: int, dp_size: int, micro_batch_size: int, pad_id: int):
         self.data, self.dp_rank, self.dp_size = data, dp_rank, dp_size
@@ -39,3 +43,9 @@ class StepPrefetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> StepPrefetcher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
