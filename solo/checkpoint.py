@@ -51,8 +51,6 @@ class CheckpointError(RuntimeError):
     pass
 
 
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
