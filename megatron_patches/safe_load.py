@@ -10,8 +10,10 @@ things with no restriction: the `.metadata` file (`FileSystemReader.read_metadat
 This module makes both safe: `.metadata` is read by an unpickler that builds only DCP's metadata
 classes and torch's sizes, dtypes and layouts, and objects are read with `weights_only=True`
 (tensors, containers, numbers, strings: all our checkpoints hold). Anything else is an
-`UnpicklingError` naming the global it refused. Applied when `solo.checkpoint` is imported, which
-every path that reads a checkpoint (training, solo-convert, evaluation) goes through.
+`UnpicklingError` naming the global it refused. Applied by `megatron_patches.apply`
+(`solo.distributed.init_distributed`: training, solo-convert, evaluation) and again when
+`solo.checkpoint` is imported, so that a reader which sets up its process groups on its own, or
+reads a checkpoint's files without any, is protected as well.
 """
 
 from __future__ import annotations
