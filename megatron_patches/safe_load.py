@@ -65,7 +65,10 @@ def _load_bytes_weights_only(self, read_item, value) -> None:
         self.state_dict[read_item.dest_index.fqn] = obj
 
 
+_RESTRICTED_PICKLE = _RestrictedPickle()
+
+
 def apply() -> None:
     """Idempotent."""
-    filesystem.pickle = _RestrictedPickle()
+    filesystem.pickle = _RESTRICTED_PICKLE
     default_planner.DefaultLoadPlanner.load_bytes = _load_bytes_weights_only
