@@ -16,8 +16,9 @@ the CPU so that tests and the CPU demo exercise the same code paths as a GPU clu
   RNG tracker) is the CPU default generator, which is the one CPU kernels such as dropout draw from;
 * ``torch.cuda.synchronize`` is a no-op (dist_checkpointing's async filesystem writer calls it).
 
-Apply it only when no GPU is used (``apply()`` refuses on a machine with CUDA). It is idempotent
-and process-wide; worker processes started with ``spawn`` must call it again.
+Applied by ``megatron_patches.apply(cpu=True)`` (``solo.distributed.init_distributed`` on a machine
+without a GPU); only when no GPU is used (``apply()`` refuses on a machine with CUDA). It is
+idempotent and process-wide; worker processes started with ``spawn`` must apply it again.
 """
 
 from __future__ import annotations

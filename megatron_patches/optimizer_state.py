@@ -15,6 +15,10 @@ optimizer is `torch.optim.Adam`, which keeps a per-parameter `step` tensor. Two 
    increments it in place once per parameter per step, so bias correction after a resume is wrong
    (resumed losses drift from the uninterrupted run's from the second step on). Each parameter
    gets its own copy.
+
+1 is a helper that `solo.checkpoint.load_checkpoint` calls before a load; 2 and 3 are applied by
+`megatron_patches.apply` (idempotent). Both are on load paths only (`load_state_dict`,
+`load_parameter_state_from_*`), so a run that never resumes is untouched.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def _load_state_dict_with_own_steps(self, state_dict):
 
 
 def apply() -> None:
+    """Idempotent: the originals are captured once, at import."""
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_states_keeping_step
     DistributedOptimizer.load_state_dict = _load_state_dict_with_own_steps
 

@@ -10,8 +10,10 @@ things with no restriction: the `.metadata` file (`FileSystemReader.read_metadat
 This module makes both safe: `.metadata` is read by an unpickler that builds only DCP's metadata
 classes and torch's sizes, dtypes and layouts, and objects are read with `weights_only=True`
 (tensors, containers, numbers, strings: all our checkpoints hold). Anything else is an
-`UnpicklingError` naming the global it refused. Applied when `solo.checkpoint` is imported, which
-every path that reads a checkpoint (training, solo-convert, evaluation) goes through.
+`UnpicklingError` naming the global it refused. Applied by `megatron_patches.apply`
+(`solo.distributed.init_distributed`: training, solo-convert, evaluation) and again when
+`solo.checkpoint` is imported, so that a reader which sets up its process groups on its own, or
+reads a checkpoint's files without any, is protected as well.
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ def _load_bytes_weights_only(self, read_item, value) -> None:
         self.state_dict[read_item.dest_index.fqn] = obj
 
 
+_RESTRICTED_PICKLE = _RestrictedPickle()
+
+
 def apply() -> None:
     """Idempotent."""
-    filesystem.pickle = _RestrictedPickle()
+    filesystem.pickle = _RESTRICTED_PICKLE
     default_planner.DefaultLoadPlanner.load_bytes = _load_bytes_weights_only

@@ -34,8 +34,9 @@ from solo.config import ModelConfig
 from solo.faults import crash_if_injected
 from solo.fileio import atomic_write_text, replace_durably
 
-# Every checkpoint read in solo-megatron goes through this module or follows its import: from here
-# on torch DCP unpickles nothing but its own metadata and weights-only objects.
+# megatron_patches.apply (init_distributed) applies this too; here as well because every checkpoint
+# read in solo-megatron goes through this module or follows its import, process groups or not:
+# from here on torch DCP unpickles nothing but its own metadata and weights-only objects.
 safe_load.apply()
 
 META_FILE = "solo_meta.json"
@@ -180,8 +181,7 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, loa
     """Load into `model` (and optimizer/scheduler/RNG when given). Returns the checkpoint's meta."""
     meta = read_meta(checkpoint)
     check_model_shape(checkpoint, model.model_config)
-    if optimizer is not None:
-        optimizer_state.apply()
+    if optimizer is not None:  # its load-path patches are applied by init_distributed (megatron_patches.apply)
         optimizer_state.init_empty_adam_state(optimizer)
     state = dist_checkpointing.load(
         _sharded_state(model, optimizer, scheduler, with_rng=load_rng, loading=True), str(checkpoint)

@@ -1,9 +1,9 @@
 """Process-group set-up shared by training, tests and conversion.
 
 torch.distributed does the communication (NCCL on GPU, gloo on CPU); megatron-core's
-`parallel_state` builds the tensor/pipeline/data-parallel groups on top. On a machine without a GPU
-the CPU backend of `megatron_patches.cpu` is applied first, so the same megatron-core code runs on
-gloo ranks.
+`parallel_state` builds the tensor/pipeline/data-parallel groups on top. `init_distributed` first
+applies `megatron_patches` (with its CPU backend on a machine without a GPU, so the same
+megatron-core code runs on gloo ranks).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def init_distributed(
     seed: int = 1234,
     timeout_minutes: int = 30,
 ) -> None:
-    """Join the torchrun world (or a world of one), build megatron-core's groups, seed RNGs.
+    """Apply megatron_patches, join the torchrun world (or a world of one), build megatron-core's groups, seed RNGs.
 
     The model-parallel RNG tracker gets the same seed on every rank so that
     `use_cpu_initialization` gives TP-independent weights.
@@ -43,10 +43,9 @@ def init_distributed(
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as mcore_tp
 
-    if not use_gpu():
-        from megatron_patches import cpu
+    import megatron_patches
 
-        cpu.apply()
+    megatron_patches.apply(cpu=not use_gpu())
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))

@@ -5,8 +5,10 @@ cross entropy), tensor/sequence parallelism and the layer implementations, chose
 
 * ``"te"``: TransformerEngine layers, packed documents through TE's THD attention (GPU);
 * ``"flex"``: local layers, packed documents through FlexAttention (GPU without TE,
-  `megatron_patches/flex_attention.py`);
+  `solo.layers.FlexDocumentAttention`);
 * ``"local"``: local layers, packed documents through a block-diagonal causal mask (CPU).
+
+Both local variants take their norms from `solo.layers.SequenceParallelTorchNorm`.
 
 The one addition (SOLO, Sec. 2.1; the authors' ``inputs_embeds += vision_embeds``): at every
 ``<vpatch>`` position the input embedding is the ``<vpatch>`` token embedding plus a bias-free
@@ -25,6 +27,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 
 from solo.config import ModelConfig, ParallelConfig
+from solo.layers import FlexDocumentAttention, SequenceParallelTorchNorm
 from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
 from solo.vision import IMAGENET_MEAN, IMAGENET_STD
 
@@ -64,14 +67,10 @@ def layer_spec(backend: str, config: TransformerConfig):
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from megatron_patches.torch_norm import SequenceParallelTorchNorm
-
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = SequenceParallelTorchNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     if backend == "flex":
-        from megatron_patches.flex_attention import FlexDocumentAttention
-
         layer.submodules.self_attention.submodules.core_attention = FlexDocumentAttention
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelTorchNorm

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import default_planner, filesystem
 
-from megatron_patches import safe_load
+import megatron_patches
 
 
 class Payload:
@@ -20,7 +20,7 @@ class Payload:
 
 @pytest.fixture(scope="module", autouse=True)
 def applied():
-    safe_load.apply()
+    megatron_patches.apply(cpu=False)  # the safe-load patch; the CPU backend is not needed here
 
 
 def test_metadata_unpickler_refuses_anything_but_dcp_metadata():

@@ -1,15 +1,8 @@
-"""Packed-document attention for megatron-core's local layer spec, on PyTorch FlexAttention.
+"""Layers that fill slots of megatron-core's local GPT layer spec (picked in `solo.model.layer_spec`).
 
-Why: megatron-core 0.16.1 supports packed sequences (documents that must not attend to each other)
-only through TransformerEngine's THD attention; its local `DotProductAttention` asserts
-`packed_seq_params is None`. Where TE is not installed on a GPU, a dense [s, s] mask is out of the
-question at 32,768 tokens (1 GiB per row), so this module is a drop-in `core_attention` for the
-local spec that reads the document boundaries from `PackedSeqParams.cu_seqlens_q` (qkv_format
-'sbhd', so megatron-core passes the tensors through unchanged) and runs FlexAttention with a
-causal, same-document block mask. Block-sparse: masked-out tiles cost nothing.
-
-The mask is built once per forward pass of the model, not per layer: `PackedSeqParams` objects are
-shared by all layers, so the block mask is cached on them.
+These are not patches: megatron-core is left as it is. Each class fills one spec slot where
+megatron-core 0.16.1's own local layer falls short, and says why; PyTorch does the work
+(FlexAttention, torch's norms).
 """
 
 from __future__ import annotations
@@ -47,7 +40,19 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int):
 
 
 class FlexDocumentAttention(MegatronModule):
-    """`core_attention` with the signature of megatron-core's DotProductAttention."""
+    """Packed-document attention: the local spec's `core_attention` (backend "flex"), on FlexAttention.
+
+    Why: megatron-core supports packed sequences (documents that must not attend to each other)
+    only through TransformerEngine's THD attention; its local `DotProductAttention` asserts
+    `packed_seq_params is None`. Where TE is not installed on a GPU, a dense [s, s] mask is out of
+    the question at 32,768 tokens (1 GiB per row), so this reads the document boundaries from
+    `PackedSeqParams.cu_seqlens_q` (qkv_format 'sbhd', so megatron-core passes the tensors through
+    unchanged) and runs FlexAttention with a causal, same-document block mask. Block-sparse:
+    masked-out tiles cost nothing. Same signature as megatron-core's DotProductAttention.
+
+    The mask is built once per forward pass of the model, not per layer: `PackedSeqParams` objects
+    are shared by all layers, so the block mask is cached on them.
+    """
 
     def __init__(
         self,
@@ -95,3 +100,25 @@ class FlexDocumentAttention(MegatronModule):
         attend = _compiled_flex_attention() if self.compiled else flex_attention
         out = attend(q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=self.heads != self.groups)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
+class SequenceParallelTorchNorm:
+    """Drop-in for megatron-core's WrappedTorchNorm (same constructor) that allows sequence parallel.
+
+    Why: `WrappedTorchNorm` (the local spec's norm) asserts `not config.sequence_parallel`, because
+    plain torch norms lack the `sequence_parallel` parameter attribute that `finalize_model_grads`
+    uses to all-reduce their gradients across tensor-parallel ranks (each rank only sees its slice
+    of the sequence). Setting that attribute is all it takes; the module is otherwise torch's own
+    `RMSNorm`/`LayerNorm`, so checkpoints are unchanged.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        else:
+            raise ValueError(f"unsupported normalization {config.normalization!r}")
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm

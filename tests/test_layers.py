@@ -1,0 +1,59 @@
+"""solo.layers: the layers the local spec plugs into megatron-core (document attention, SP norm)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+
+from solo.layers import FlexDocumentAttention, SequenceParallelTorchNorm
+
+HEADS, GROUPS, DIM = 4, 2, 16
+LENGTHS = [7, 18, 1, 14]  # a one-token document and none on a 128-token block boundary
+
+
+def attention():
+    config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
+                               num_query_groups=GROUPS, attention_dropout=0.0)
+    return FlexDocumentAttention(config, 1, AttnMaskType.causal, "self")
+
+
+def reference(query, key, value):
+    """Dense attention with a mask built token by token: causal, and only within one's document."""
+    doc = torch.tensor([d for d, n in enumerate(LENGTHS) for _ in range(n)])
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    k, v = (t.repeat_interleave(HEADS // GROUPS, dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).permute(2, 0, 1, 3).reshape(len(doc), 1, -1)
+
+
+def test_document_attention_matches_a_dense_same_document_causal_mask():
+    seq = sum(LENGTHS)
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(seq, 1, HEADS, DIM, generator=gen)
+    key, value = (torch.randn(seq, 1, GROUPS, DIM, generator=gen) for _ in range(2))
+    cu_seqlens = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
+    layer = attention()
+    out = layer(query, key, value, None, packed_seq_params=params)
+    torch.testing.assert_close(out, reference(query, key, value), rtol=1e-5, atol=1e-5)
+    mask = params._solo_block_mask  # built once, then shared by every layer of the forward pass
+    torch.testing.assert_close(layer(query, key, value, None, packed_seq_params=params), out)
+    assert params._solo_block_mask is mask
+
+
+def test_document_attention_needs_document_boundaries():
+    query = torch.zeros(8, 1, HEADS, DIM)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        attention()(query, query[:, :, :GROUPS], query[:, :, :GROUPS], None, packed_seq_params=None)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_norm_is_torchs_own_and_marked_for_the_sequence_parallel_reduction(sequence_parallel):
+    config = SimpleNamespace(normalization="RMSNorm", params_dtype=torch.float32, sequence_parallel=sequence_parallel)
+    norm = SequenceParallelTorchNorm(config, 64, eps=1e-6)
+    assert type(norm) is torch.nn.RMSNorm and norm.eps == 1e-6  # same module, same checkpoint keys
+    assert [p.sequence_parallel for p in norm.parameters()] == [sequence_parallel]
