@@ -81,7 +81,7 @@ class StageData:
         opened, self.sources = [], []
         for source, prefixes in listed:
             shards = [open_shard(p, verify_checksum=data.verify_checksums) for p in prefixes]
-            for prefix, shard in zip(prefixes, shards):
+            for prefix, shard in zip(prefixes, shards, strict=True):
                 _check_compatible(prefix, shard.manifest, data.seq_length_tokens, patch_size)
             opened.append((source, prefixes, shards))
             self.sources.append(SourceSummary(source.name, len(shards), sum(len(s) for s in shards), source.fraction))
@@ -91,8 +91,8 @@ class StageData:
         self.seq_length = data.seq_length_tokens
         size = self.train_steps * global_batch_size
         datasets, weights = [], []
-        for (source, prefixes, shards), summary in zip(opened, self.sources):
-            for prefix, shard in zip(prefixes, shards):
+        for (source, prefixes, shards), summary in zip(opened, self.sources, strict=True):
+            for prefix, shard in zip(prefixes, shards, strict=True):
                 datasets.append(PackedShardDataset(shard, prefix, len(datasets), size, config))
                 weights.append(source.fraction * len(shard) / summary.samples)
         self.blend = BlendedDataset(datasets, weights, size, config)
