@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_patches import local_files
 from solo.fileio import (
     CHECKSUM,
     atomic_write_json,
@@ -60,6 +61,11 @@ from solo.fileio import (
     temp_path,
 )
 from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
+
+# Shards are local files written by kernel copy under temp names: megatron-core's I/O must not go
+# through multi-storage-client (megatron_patches/local_files.py). Applied on import, since
+# solo-preprocess writes shards without ever calling init_distributed.
+local_files.apply()
 
 PARTS = {"tokens": np.int32, "loss": np.uint8, "pixels": np.uint8}
 FORMAT_VERSION = 1
