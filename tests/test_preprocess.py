@@ -662,3 +662,18 @@ def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(imagenet, 
     finally:
         if disk == "tmpfs":
             unmount(out.parent)
+
+
+# -- issue 17: argument values, malformed manifests, bad text, image paths and formats, memory ---
+
+@pytest.mark.parametrize("option, value", [("--seed", "-1"), ("--workers", "0"), ("--workers", "-3"),
+                                           ("--seq-length", "0"), ("--patch-size", "0"), ("--max-side", "-32"),
+                                           ("--shard-size", "0"), ("--seed", "x")])
+def test_bad_argument_values_are_argparse_errors_before_any_work(tmp_path, capsys, option, value):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["text", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), option, value])
+    assert e.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.startswith("solo-preprocess text: error: argument ") and option in line and value in line, line
+    assert not (tmp_path / "out").exists()
