@@ -677,3 +677,17 @@ def test_bad_argument_values_are_argparse_errors_before_any_work(tmp_path, capsy
     [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert line.startswith("solo-preprocess text: error: argument ") and option in line and value in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["[]", "3", '"shard"', '{"shard": "zero"}'])
+def test_a_shard_manifest_that_is_not_an_object_is_named_by_stats_and_by_a_resume(tmp_path, capsys, content):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(4)))
+    args = ["text", "--input", tmp_path / "a.jsonl", "--output", tmp_path / "out", *OPTS, "--shard-size", "2"]
+    assert cli(*args) == 0
+    manifest = tmp_path / "out" / "shard-00001.json"
+    manifest.write_text(content)
+    capsys.readouterr()
+    for argv in (["stats", tmp_path / "out"], args):
+        assert cli(*argv) == 2
+        err = capsys.readouterr().err
+        assert f"solo-preprocess: error: {manifest}: not a shard manifest" in err and "Traceback" not in err, err

@@ -29,7 +29,8 @@ Reading: `list_shards(folder)` -> the complete, non-empty shard prefixes, sorted
 `open_shard(prefix, verify_checksum=False)` -> `Shard` (a ShardError names the shard and the fault:
 missing or resized files, checksum mismatch, tokens/loss index disagreement, ...); `len(shard)`
 packed samples; `shard.sample(i)` -> `PackedSample` (tokens, loss_mask, document_lengths, patches);
-`shard.manifest`; `read_folder_manifest(folder)`. Writing: `ShardWriter` (used by solo-preprocess),
+`shard.manifest`; `read_shard_manifest(prefix)` (checked, without opening the data);
+`read_folder_manifest(folder)`. Writing: `ShardWriter` (used by solo-preprocess),
 which takes patches as arrays or as `PatchesInFile` (a byte range of a file, copied by the kernel).
 
 megatron-core is imported inside the functions that need it: importing it costs seconds (it pulls
@@ -359,7 +360,9 @@ class Shard:
         return PackedSample(tokens=tokens, loss_mask=loss, document_lengths=lengths, patches=patches)
 
 
-def _read_manifest(prefix: Path) -> dict:
+def read_shard_manifest(prefix: str | Path) -> dict:
+    """The manifest of shard `prefix`, checked to be one (an object with a 'files' table, of this
+    format version); anything else (`[]`, a number, unreadable JSON) is a ShardError naming the file."""
     path = Path(f"{prefix}.json")
     if not path.is_file():
         raise ShardError(f"{prefix}: no manifest {path.name} (shard missing or incomplete)")
@@ -369,6 +372,8 @@ def _read_manifest(prefix: Path) -> dict:
         raise ShardError(f"{path}: unreadable manifest: {e}") from e
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ShardError(f"{path}: not a shard manifest (no 'files' table)")
+    if bad := [k for k in ("counts", "skipped") if not isinstance(manifest.get(k, {}), dict)]:
+        raise ShardError(f"{path}: not a shard manifest ({', '.join(bad)} must be an object)")
     if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise ShardError(f"{path}: shard format version {manifest.get('format_version')}, this reader "
                          f"reads version {FORMAT_VERSION}")
@@ -380,7 +385,7 @@ def open_shard(prefix: str | Path, verify_checksum: bool = False) -> Shard:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = Path(prefix)
-    manifest = _read_manifest(prefix)
+    manifest = read_shard_manifest(prefix)
     expected = {f"{prefix.name}.{part}.{ext}" for part in PARTS for ext in ("bin", "idx")}
     if missing := sorted(expected - set(manifest["files"])):
         raise ShardError(f"{prefix}: the manifest lists no {', '.join(missing)}")
