@@ -691,3 +691,30 @@ def test_a_shard_manifest_that_is_not_an_object_is_named_by_stats_and_by_a_resum
         assert cli(*argv) == 2
         err = capsys.readouterr().err
         assert f"solo-preprocess: error: {manifest}: not a shard manifest" in err and "Traceback" not in err, err
+
+
+def test_a_lone_surrogate_in_json_text_is_a_skipped_record_not_a_failed_run(tmp_path, tok):
+    # JSON may escape a lone UTF-16 surrogate ("\ud800"); no UTF-8 text holds one, so the record is
+    # unusable: skipped as bad_text, the rest of the run goes on (a rerun used to fail the same way).
+    bad = r'"a \ud800 b"'
+    (tmp_path / "a.jsonl").write_text('{"text": "good one"}\n' + '{"text": %s}\n' % bad
+                                      + '{"text": "fine", "meta": %s}\n' % bad)
+    with tarfile.open(tmp_path / "c.tar", "w") as tar:
+        add_members(tar, [("0.jpg", photo("chelsea.png")), ("0.txt", b"a cat")])
+        add_members(tar, [("1.jpg", photo("chelsea.png")), ("1.json", ('{"caption": %s}' % bad).encode())])
+    (tmp_path / "cat.jpg").write_bytes(photo("chelsea.png"))
+    turn = '{"from": "gpt", "value": "A cat."}'
+    (tmp_path / "llava.json").write_text("[" + ", ".join([
+        '{"id": "ok", "conversations": [{"from": "human", "value": "Hi"}, %s]}' % turn,
+        '{"id": "v", "conversations": [{"from": "human", "value": %s}, %s]}' % (bad, turn),
+        '{"id": "i", "image": %s, "conversations": [{"from": "human", "value": "What?"}, %s]}' % (bad, turn),
+        '{"id": %s, "conversations": [{"from": "human", "value": "Hi"}, %s]}' % (bad, turn)]) + "]")
+    runs = [(["text", "--input", tmp_path / "a.jsonl"], {"bad_text": 1}, 2),
+            (["captions", "--input", tmp_path / "c.tar"], {"bad_text": 1}, 1),
+            (["sft", "--input", tmp_path / "llava.json", "--images", tmp_path], {"bad_text": 2}, 2)]
+    for args, skipped, documents in runs:
+        out = tmp_path / f"out-{args[0]}"
+        for _ in range(2):  # and the rerun resumes the finished folder
+            assert cli(*args, "--output", out, *OPTS) == 0
+        manifest = read_folder_manifest(out)
+        assert manifest["skipped"] == skipped and manifest["totals"]["documents"] == documents, args

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,25 @@ class Record:
     text: str | None = None
     conversations: list | None = None
     error: tuple[str, str] | None = None  # (reason, detail) when unusable as read
+
+
+# JSON may escape a lone UTF-16 surrogate ("\ud800"; json.loads also lets CESU-8 bytes through):
+# Python keeps it in the str, but no UTF-8 text can hold it, and sentencepiece, the shard writer and
+# every log line would fail on it. Such a record is skipped as `bad_text`.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def bad_text(**fields) -> tuple[str, str] | None:
+    """(`bad_text`, detail) when a field that will be used (a str, or a list of dicts of str, such
+    as LLaVA turns) holds a lone surrogate; None when all are encodable."""
+    for name, value in fields.items():
+        strings = [value] if isinstance(value, str) else [
+            v for item in value if isinstance(item, dict) for v in item.values() if isinstance(v, str)
+        ] if isinstance(value, list) else []
+        for text in strings:
+            if found := _SURROGATE.search(text):
+                return "bad_text", f"{name} holds a lone surrogate {ascii(found.group())[1:-1]} (not UTF-8 text)"
+    return None
 
 
 def stream_format(path: str) -> str | None:
@@ -137,11 +157,13 @@ def _jsonl_records(kind: str, path: str, first: float, label: str) -> Iterator[R
 def _json_record(kind: str, name: str, line: bytes, folder: Path) -> Record:
     try:
         obj = json.loads(line)
-    except ValueError as e:  # also a UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # also a UnicodeDecodeError; RecursionError: "[[[[..."
         return Record(name, error=("bad_json", f"line is not JSON ({e})"))
     if not isinstance(obj, dict):
         return Record(name, error=("bad_json", f"line is a JSON {type(obj).__name__}, expected an object"))
     text = next((obj[f] for f in TEXT_FIELDS[kind] if f in obj), None)
+    if error := bad_text(text=text, image=obj.get("image")):
+        return Record(name, error=error)
     if kind == "text":
         return Record(name, text=text)
     if isinstance(obj.get("image"), str):
