@@ -23,11 +23,19 @@ from PIL import Image, ImageDraw, ImageFile, ImageOps
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+# The raster formats images are read in (PIL format names): what image-text corpora hold. Every
+# other PIL plugin stays closed: EPS would be handed to Ghostscript, and the rarely used decoders
+# (ICO, TGA, PPM, ...) are attack surface that no dataset needs.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Documents that are not raster images, by their first bytes (PIL has no reader for them).
+_DOCUMENT_MAGIC = {b"%PDF-": "PDF", b"%!PS": "PostScript"}
+
 # Short machine-readable causes; the preprocessing CLI counts skipped images by these.
 REASONS = (
     "unreadable_file",  # the path cannot be read (missing, permissions, a directory)
     "empty_file",  # zero bytes
     "not_an_image",  # PIL cannot identify the format
+    "unsupported_format",  # an image or document format outside IMAGE_FORMATS (EPS, PDF, ICO, ...)
     "decompression_bomb",  # more pixels than max_pixels / PIL's MAX_IMAGE_PIXELS
     "empty_image",  # a side of zero pixels
     "corrupt_image",  # identified, but decoding fails (truncated JPEG, bad chunks, ...)
@@ -115,10 +123,13 @@ def load_image(
 
     with _strict_pil():
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageLoadError(label, "decompression_bomb", str(e)) from e
         except Image.UnidentifiedImageError as e:
+            if other := _other_format(data):
+                raise ImageLoadError(label, "unsupported_format",
+                                     f"{other} is not one of the formats read ({', '.join(IMAGE_FORMATS)})") from e
             raise ImageLoadError(label, "not_an_image", "not a recognised image format") from e
         except MemoryError:
             raise
@@ -144,6 +155,22 @@ def load_image(
     except Exception:  # noqa: BLE001 - an unreadable EXIF block should not cost a good image
         pass
     return to_rgb(im, name=label)
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format outside IMAGE_FORMATS that `data` starts like, by PIL's prefix checks only (the
+    `accept` functions of its plugins look at the first 16 bytes; nothing is parsed)."""
+    Image.init()
+    prefix = data[:16]
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt in IMAGE_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return fmt
+        except Exception:  # noqa: BLE001 - some checks index a short prefix (struct.error, IndexError)
+            continue
+    return next((name for magic, name in _DOCUMENT_MAGIC.items() if data.startswith(magic)), None)
 
 
 # Every mode of Image.MODES (Pillow 13), by how it reaches RGB. tests/test_vision.py checks that

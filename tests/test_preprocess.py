@@ -718,3 +718,32 @@ def test_a_lone_surrogate_in_json_text_is_a_skipped_record_not_a_failed_run(tmp_
             assert cli(*args, "--output", out, *OPTS) == 0
         manifest = read_folder_manifest(out)
         assert manifest["skipped"] == skipped and manifest["totals"]["documents"] == documents, args
+
+
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PDF", "PPM", "ICO", "TGA"])
+def test_images_are_limited_to_the_raster_formats_the_project_reads(tmp_path, monkeypatch, fmt):
+    from PIL import EpsImagePlugin
+
+    from solo.vision import IMAGE_FORMATS, ImageLoadError, load_image
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))  # never run an EPS
+    assert set(IMAGE_FORMATS) == {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+    with pytest.raises(ImageLoadError) as e:
+        load_image(_encoded(fmt), name="picture")
+    assert e.value.reason == "unsupported_format" and str(e.value).startswith("picture: "), e.value
+    assert not calls
+    for ok in IMAGE_FORMATS:
+        assert load_image(_encoded(ok)).size == (64, 64)
+    rows = [{"image_base64": base64.b64encode(_encoded(f)).decode(), "caption": f"a {f} picture"}
+            for f in (fmt, "PNG")]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli("captions", "--input", tmp_path / "a.jsonl", "--output", tmp_path / "out", *OPTS) == 0
+    manifest = read_folder_manifest(tmp_path / "out")
+    assert manifest["skipped"] == {"unsupported_format": 1} and manifest["totals"]["documents"] == 1
