@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,9 +31,16 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Documents that are not raster images, by their first bytes (PIL has no reader for them).
 _DOCUMENT_MAGIC = {b"%PDF-": "PDF", b"%!PS": "PostScript"}
 
+# An encoded image file larger than this is refused before any byte is read: real photos are a
+# few MB (a 100-megapixel JPEG ~30 MB), and a path may name a disk image or a log file.
+MAX_IMAGE_FILE_BYTES = 64 << 20
+
 # Short machine-readable causes; the preprocessing CLI counts skipped images by these.
 REASONS = (
     "unreadable_file",  # the path cannot be read (missing, permissions, a directory)
+    "image_outside_root",  # an ImagePath that resolves (symlinks too) outside its root
+    "not_a_regular_file",  # a FIFO, a device, a socket
+    "image_too_large",  # a file of more than MAX_IMAGE_FILE_BYTES
     "empty_file",  # zero bytes
     "not_an_image",  # PIL cannot identify the format
     "unsupported_format",  # an image or document format outside IMAGE_FORMATS (EPS, PDF, ICO, ...)
@@ -50,6 +58,50 @@ class ImageLoadError(ValueError):
         assert reason in REASONS, reason
         self.source, self.reason, self.detail = source, reason, detail
         super().__init__(f"{source}: {detail} [{reason}]")
+
+
+@dataclass(frozen=True)
+class ImagePath:
+    """A path an input record names (JSONL, Parquet, LLaVA JSON): `load_image` reads it only if
+    it resolves, symlinks included, to a regular file below `root` (`../`, absolute paths, links
+    out, /dev/zero and FIFOs are refused)."""
+
+    path: str
+    root: str
+
+
+def read_image_file(path: str | os.PathLike | ImagePath, *, name: str | None = None,
+                    max_bytes: int = MAX_IMAGE_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (below its root for an ImagePath)."""
+    root = path.root if isinstance(path, ImagePath) else None
+    path = path.path if isinstance(path, ImagePath) else os.fspath(path)
+    label = name or path
+    try:
+        real = os.path.realpath(path)
+        inside = root is None or os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root)
+        # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if inside else None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte or an unencodable character in the path
+        raise ImageLoadError(label, "unreadable_file", f"cannot read file ({e})") from e
+    if fd is None:
+        raise ImageLoadError(label, "image_outside_root", f"resolves to {real}, outside {os.path.realpath(root)}")
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageLoadError(label, "unreadable_file", "cannot read file (a directory)")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageLoadError(label, "not_a_regular_file", f"{real} is not a regular file (FIFO, device, socket)")
+        if info.st_size > max_bytes:
+            raise ImageLoadError(label, "image_too_large", f"{info.st_size} bytes > limit {max_bytes}")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageLoadError(label, "unreadable_file", f"cannot read file ({e})") from e
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # the file grew after fstat
+        raise ImageLoadError(label, "image_too_large", f"more than {max_bytes} bytes")
+    return data
 
 
 @dataclass(frozen=True)
@@ -95,28 +147,25 @@ def _strict_pil() -> Iterator[None]:
 
 
 def load_image(
-    source: str | os.PathLike | bytes | bytearray | memoryview,
+    source: str | os.PathLike | ImagePath | bytes | bytearray | memoryview,
     *,
     name: str | None = None,
     max_pixels: int | None = None,
 ) -> Image.Image:
-    """Decode a path or encoded bytes into an RGB image, EXIF orientation applied.
+    """Decode a path (an ImagePath: only below its root) or encoded bytes into an RGB image, EXIF
+    orientation applied.
 
-    Raises ImageLoadError naming `name` (default: the path, or "<bytes len=N>"). `max_pixels`
-    defaults to PIL's Image.MAX_IMAGE_PIXELS; PIL's own check still runs, so the effective
-    limit is the smaller of the two.
+    Raises ImageLoadError naming `name` (default: the path, or "<bytes len=N>"). A path must be a
+    regular file of at most MAX_IMAGE_FILE_BYTES. `max_pixels` defaults to PIL's
+    Image.MAX_IMAGE_PIXELS; PIL's own check still runs, so the effective limit is the smaller of the two.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         label = name or f"<bytes len={len(data)}>"
     else:
-        label = name or os.fspath(source)
-        try:
-            # Reading the bytes ourselves means no file handle outlives this call.
-            with open(source, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ImageLoadError(label, "unreadable_file", f"cannot read file ({e})") from e
+        label = name or (source.path if isinstance(source, ImagePath) else os.fspath(source))
+        # Reading the bytes ourselves means no file handle outlives this call.
+        data = read_image_file(source, name=label)
     if not data:
         raise ImageLoadError(label, "empty_file", "file is empty (0 bytes)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels

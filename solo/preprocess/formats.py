@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from solo.vision import ImagePath
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Field names tried in order for each kind's text (img2dataset writes `txt`/`caption`, Websight
 # calls its HTML `text`, SlimPajama `text`).
@@ -36,7 +38,7 @@ class InputError(ValueError):
 @dataclass
 class Record:
     key: str  # "file:record" for logs (file: the path relative to the run's inputs)
-    image: bytes | str | None = None  # encoded bytes or a file path
+    image: bytes | str | ImagePath | None = None  # encoded bytes, a listed file, or a path a record names
     text: str | None = None
     conversations: list | None = None
     error: tuple[str, str] | None = None  # (reason, detail) when unusable as read
@@ -166,8 +168,8 @@ def _json_record(kind: str, name: str, line: bytes, folder: Path) -> Record:
         return Record(name, error=error)
     if kind == "text":
         return Record(name, text=text)
-    if isinstance(obj.get("image"), str):
-        return Record(name, image=str(folder / obj["image"]), text=text)
+    if isinstance(obj.get("image"), str):  # a path below the JSONL's folder, nowhere else
+        return Record(name, image=ImagePath(str(folder / obj["image"]), str(folder)), text=text)
     if isinstance(obj.get("image_base64"), str):
         try:
             return Record(name, image=base64.b64decode(obj["image_base64"], validate=True), text=text)
@@ -241,11 +243,11 @@ class _BadImage:
     what: str
 
 
-def _parquet_image(value, folder: Path) -> bytes | str | None | _BadImage:
+def _parquet_image(value, folder: Path) -> bytes | ImagePath | None | _BadImage:
     if isinstance(value, dict):  # HF datasets' Image feature
         value = value.get("bytes") or value.get("path")
-    if isinstance(value, str):
-        return str(folder / value)
+    if isinstance(value, str):  # a path below the Parquet file's folder, nowhere else
+        return ImagePath(str(folder / value), str(folder))
     if value is None or isinstance(value, bytes):
         return value
     # Anything else must not reach load_image: open() takes an int for a file descriptor, and

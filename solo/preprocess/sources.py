@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from solo.preprocess.formats import IMAGE_EXTS, InputError, Record, bad_text, count_records, read_records
+from solo.vision import ImagePath
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -115,7 +116,8 @@ class ConversationSource(ListSource):
             if error := bad_text(image=image, conversations=rec["conversations"]):
                 yield Record(key, error=error)
                 continue
-            yield Record(key, image=image and os.path.join(self.images, image), conversations=rec["conversations"])
+            path = image and ImagePath(os.path.join(self.images, image), self.images)  # only below --images
+            yield Record(key, image=path, conversations=rec["conversations"])
 
 
 class StreamSource:
