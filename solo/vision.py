@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFile, ImageOps
+from PIL import Image, ImageDraw, ImageFile, ImageMode, ImageOps
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -35,6 +35,13 @@ _DOCUMENT_MAGIC = {b"%PDF-": "PDF", b"%!PS": "PostScript"}
 # few MB (a 100-megapixel JPEG ~30 MB), and a path may name a disk image or a log file.
 MAX_IMAGE_FILE_BYTES = 64 << 20
 
+# Decoded pixels an image may take in PIL's memory (width x height x bands x bytes per band, from
+# the header, before decoding): 128 MiB is a 44-megapixel RGB photo. PIL's own bomb check counts
+# pixels only, so a 343 KB 9400x9400 RGBA PNG passed it and cost 2.3 GB on its way to RGB; the
+# conversions after decoding take at most a few times this again. Large JPEGs are decoded at a
+# reduced scale first (see `load_image`'s `fit`), so they pass.
+MAX_DECODED_BYTES = 128 << 20
+
 # Short machine-readable causes; the preprocessing CLI counts skipped images by these.
 REASONS = (
     "unreadable_file",  # the path cannot be read (missing, permissions, a directory)
@@ -45,6 +52,7 @@ REASONS = (
     "not_an_image",  # PIL cannot identify the format
     "unsupported_format",  # an image or document format outside IMAGE_FORMATS (EPS, PDF, ICO, ...)
     "decompression_bomb",  # more pixels than max_pixels / PIL's MAX_IMAGE_PIXELS
+    "decoded_too_large",  # would take more than MAX_DECODED_BYTES decoded
     "empty_image",  # a side of zero pixels
     "corrupt_image",  # identified, but decoding fails (truncated JPEG, bad chunks, ...)
     "unsupported_mode",  # decoded, but a pixel mode to_rgb cannot convert
@@ -151,13 +159,17 @@ def load_image(
     *,
     name: str | None = None,
     max_pixels: int | None = None,
+    fit: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode a path (an ImagePath: only below its root) or encoded bytes into an RGB image, EXIF
     orientation applied.
 
     Raises ImageLoadError naming `name` (default: the path, or "<bytes len=N>"). A path must be a
     regular file of at most MAX_IMAGE_FILE_BYTES. `max_pixels` defaults to PIL's
-    Image.MAX_IMAGE_PIXELS; PIL's own check still runs, so the effective limit is the smaller of the two.
+    Image.MAX_IMAGE_PIXELS; PIL's own check still runs, so the effective limit is the smaller of the
+    two. An image that would take more than MAX_DECODED_BYTES decoded is refused before decoding.
+    `fit` = (patch_size, max_side): the image will be resized to `target_size`, so a JPEG is decoded
+    at the smallest DCT scale (1/2, 1/4, 1/8: PIL's `draft`) still at least that size.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -191,6 +203,9 @@ def load_image(
                 label, "decompression_bomb",
                 f"{im.width}x{im.height} = {im.width * im.height} pixels > limit {limit}",
             )
+        if fit is not None:
+            im.draft(None, target_size(im.width, im.height, *fit))  # a no-op but for JPEG
+        _check_decoded_bytes(im, label)
         try:
             im.load()  # decode everything now: a truncated file fails here, not later
         except MemoryError:
@@ -204,6 +219,14 @@ def load_image(
     except Exception:  # noqa: BLE001 - an unreadable EXIF block should not cost a good image
         pass
     return to_rgb(im, name=label)
+
+
+def _check_decoded_bytes(im: Image.Image, label: str) -> None:
+    mode = ImageMode.getmode(im.mode)
+    decoded = im.width * im.height * len(mode.bands) * np.dtype(mode.typestr).itemsize
+    if decoded > MAX_DECODED_BYTES:
+        raise ImageLoadError(label, "decoded_too_large", f"{im.width}x{im.height} {im.mode} would take "
+                             f"{decoded >> 20} MiB decoded > limit {MAX_DECODED_BYTES >> 20} MiB")
 
 
 def _other_format(data: bytes) -> str | None:

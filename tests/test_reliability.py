@@ -795,3 +795,91 @@ def test_a_fifo_or_device_named_by_a_record_is_refused_without_reading_it(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["not_a_regular_file", "image_outside_root", "image_outside_root",
                                    "not_a_regular_file", "not_a_regular_file"]
+
+
+MEMORY_CHILD = """
+import resource, sys
+from solo.preprocess.documents import Layout, Skip, build
+from solo.preprocess.formats import read_records
+from solo.tokenizer import SOLOTokenizer
+
+layout = Layout(SOLOTokenizer.default(), 2048, 32, int(sys.argv[3]))
+kind, path = sys.argv[1], sys.argv[2]
+list(read_records(kind, path, 0, None))  # warm: the readers' imports and buffers
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+outcomes = []
+for record in read_records(kind, path, 0, None):
+    try:
+        outcomes.append(f"{len(build(kind, record, layout))} documents")
+    except Skip as s:
+        outcomes.append(s.reason)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, *outcomes)
+"""
+
+
+def _peak_mb_and_outcomes(kind: str, path: Path, max_side: int = 256) -> tuple[int, list[str]]:
+    """Read and build every record of `path` in a child; (its peak RSS growth in MB, outcomes)."""
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, kind, str(path), str(max_side)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak, *outcomes = done.stdout.split(maxsplit=1)
+    return int(peak), outcomes[0].replace(" documents", "_documents").split() if outcomes else []
+
+
+def _tiny_png(width: int, height: int, color_type: int) -> bytes:
+    """A PNG of one colour: a few hundred KB whatever its size (color type 6: RGBA, 2: RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + width * {2: 3, 6: 4}[color_type])
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_a_small_png_that_decodes_to_gigabytes_is_refused_before_decoding(tmp_path):
+    from solo.vision import MAX_DECODED_BYTES
+
+    bomb = _tiny_png(9400, 9400, 6)  # 343 KB; RGBA under PIL's pixel limit: 353 MB decoded, 2.3 GB converted
+    assert len(bomb) < 400_000 and 9400 * 9400 * 4 > MAX_DECODED_BYTES
+    (tmp_path / "big.png").write_bytes(bomb)
+    (tmp_path / "small.png").write_bytes(_tiny_png(640, 480, 2))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": f, "caption": "x"}) + "\n"
+                                                  for f in ("big.png", "small.png")))
+    peak_mb, outcomes = _peak_mb_and_outcomes("captions", tmp_path / "pairs.jsonl")
+    assert outcomes == ["decoded_too_large", "1_documents"] and peak_mb < 100, (peak_mb, outcomes)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    # 8000x6000 decoded whole is 192 MB (over the limit); PIL's draft decodes it at 1/4 scale for a
+    # 1024-pixel target, so it is read, and costs a sixteenth.
+    from PIL import Image
+
+    from solo.vision import MAX_DECODED_BYTES
+
+    gradient = Image.linear_gradient("L").resize((8000, 6000)).convert("RGB")
+    assert 8000 * 6000 * 3 > MAX_DECODED_BYTES
+    gradient.save(tmp_path / "photo.jpg", quality=80)
+    del gradient
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "photo.jpg", "caption": "a gradient"}) + "\n")
+    peak_mb, outcomes = _peak_mb_and_outcomes("captions", tmp_path / "pairs.jsonl", max_side=1024)
+    assert outcomes == ["1_documents"] and peak_mb < 120, (peak_mb, outcomes)
+
+
+def test_a_small_zst_holding_a_huge_document_is_streamed_and_skipped(tmp_path):
+    import zstandard
+
+    from solo.preprocess.formats import MAX_RECORD_BYTES
+
+    huge = b'{"text": "' + b"a" * (200 << 20) + b'"}\n'  # 200 MiB of one document in ~6 KB
+    lines = b'{"text": "before"}\n' + huge + b'{"text": "after"}\n'
+    data = zstandard.ZstdCompressor().compress(lines)
+    del huge, lines
+    assert len(data) < 10_000 and 200 << 20 > MAX_RECORD_BYTES
+    (tmp_path / "docs.jsonl.zst").write_bytes(data)
+    peak_mb, outcomes = _peak_mb_and_outcomes("text", tmp_path / "docs.jsonl.zst")
+    assert outcomes == ["1_documents", "document_too_large", "1_documents"] and peak_mb < 100, (peak_mb, outcomes)

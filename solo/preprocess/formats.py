@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,45 +105,98 @@ class _Damaged(Exception):
         self.reason = reason
 
 
+# A JSONL line (one record) longer than this is skipped as `document_too_large` while it streams
+# by, never held: a 6 KB .jsonl.zst can hold a 200 MiB line, which json and sentencepiece would
+# blow up to ~11 GB. SlimPajama's longest documents (books) are a few MB.
+MAX_RECORD_BYTES = 16 << 20
+
+
+class _TooLarge:
+    def __init__(self, size: int):
+        self.size = size
+
+
 def _zst_chunks(f) -> Iterator[bytes]:
+    """The decompressed stream in pieces of at most 1 MiB, across frames (zstandard's stream
+    reader: a tiny frame may expand to gigabytes, never held at once)."""
     import zstandard
 
-    dctx = zstandard.ZstdDecompressor()
-    obj, in_frame, consumed = dctx.decompressobj(), False, 0
-    while data := f.read(1 << 20):
-        consumed += len(data)
-        while data:
-            in_frame = True
-            try:
-                out = obj.decompress(data)
-            except zstandard.ZstdError as e:
-                raise _Damaged("corrupt_zst", f"{e} (within the first {consumed} bytes)") from e
-            if out:
-                yield out
-            if obj.eof:  # a file may hold several frames back to back
-                data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
-            else:
-                data = b""
-    if in_frame:
-        # zstandard's stream reader ends silently on a cut frame: the frame's end is checked here.
-        raise _Damaged("truncated_zst", f"the last zstd frame is cut off at byte {consumed}")
+    cut = _cut_zst_frame(f)
+    f.seek(0)
+    reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True, closefd=False)
+    try:
+        while chunk := reader.read(1 << 20):
+            yield chunk
+    except zstandard.ZstdError as e:
+        raise _Damaged("corrupt_zst", f"{e} (within the first {f.tell()} bytes)") from e
+    if cut is not None:
+        # zstandard's stream reader ends silently on a cut frame: the frames' ends are checked apart.
+        raise _Damaged("truncated_zst", f"the last zstd frame is cut off at byte {cut}")
 
 
-def _lines(path: str) -> Iterator[bytes | _Damaged]:
-    """Non-blank lines; a damaged `.zst` ends with the damage (the cut line is dropped)."""
+def _cut_zst_frame(f) -> int | None:
+    """The file's size if its last zstd frame is cut off, else None. Reads headers only (RFC 8878:
+    a frame header, 3-byte block headers up to the one marked last, an optional 4-byte checksum;
+    skippable frames give their size); what is not a frame at all is left to the decoder."""
+    import zstandard
+
+    size, pos = os.fstat(f.fileno()).st_size, 0
+    while pos < size:
+        f.seek(pos)
+        head = f.read(18)  # the longest frame header
+        if len(head) >= 8 and 0x184D2A50 <= int.from_bytes(head[:4], "little") <= 0x184D2A5F:
+            pos += 8 + int.from_bytes(head[4:8], "little")
+            continue
+        try:
+            header = zstandard.frame_header_size(head)
+            checksum = zstandard.get_frame_parameters(head).has_checksum
+        except zstandard.ZstdError:
+            return size if len(head) < 18 and head[:4] == b"\x28\xb5\x2f\xfd" else None
+        pos += header
+        last = False
+        while not last and pos < size:
+            f.seek(pos)
+            block = int.from_bytes(f.read(3).ljust(3, b"\0"), "little")
+            last, kind, length = block & 1, (block >> 1) & 3, block >> 3
+            pos += 3 + (1 if kind == 1 else length)  # an RLE block stores one byte
+        if not last:
+            return size
+        pos += 4 * checksum
+    return size if pos > size else None
+
+
+def _lines(path: str) -> Iterator[bytes | _TooLarge | _Damaged]:
+    """Non-blank lines, each at most MAX_RECORD_BYTES (a longer one is a _TooLarge, its bytes
+    dropped as they come); a damaged `.zst` ends with the damage (the cut line is dropped)."""
     with open(path, "rb") as f:
         chunks = _zst_chunks(f) if path.endswith(".zst") else iter(lambda: f.read(1 << 20), b"")
-        carry = b""
+        parts, held, dropped = [], 0, 0  # the current line so far; bytes of it dropped (too long)
         try:
             for chunk in chunks:
-                lines = (carry + chunk).split(b"\n")
-                carry = lines.pop()
-                yield from (line for line in lines if line.strip())
+                start = 0
+                while (end := chunk.find(b"\n", start)) >= 0:
+                    yield from _line(parts, chunk[start:end], dropped)
+                    parts, held, dropped, start = [], 0, 0, end + 1
+                rest = chunk[start:]
+                if dropped or held + len(rest) > MAX_RECORD_BYTES:
+                    parts, held, dropped = [], 0, dropped + held + len(rest)
+                else:
+                    parts.append(rest)
+                    held += len(rest)
         except _Damaged as d:
             yield d
             return
-        if carry.strip():
-            yield carry
+        yield from _line(parts, b"", dropped)
+
+
+def _line(parts: list[bytes], last: bytes, dropped: int) -> Iterator[bytes | _TooLarge]:
+    size = dropped + sum(map(len, parts)) + len(last)
+    if dropped or size > MAX_RECORD_BYTES:
+        yield _TooLarge(size)
+        return
+    line = b"".join(parts) + last if parts else last
+    if line.strip():
+        yield line
 
 
 def _jsonl_records(kind: str, path: str, first: float, label: str) -> Iterator[Record]:
@@ -150,6 +204,9 @@ def _jsonl_records(kind: str, path: str, first: float, label: str) -> Iterator[R
     for n, line in enumerate(_lines(path), 1):
         if isinstance(line, _Damaged):
             yield Record(f"{label}:@end", error=(line.reason, str(line)))
+        elif isinstance(line, _TooLarge):
+            yield Record(f"{label}:{n}", error=("document_too_large",
+                                                f"a line of {line.size} bytes > limit {MAX_RECORD_BYTES}"))
         elif n - 1 < first:
             yield Record(f"{label}:{n}")
         else:
