@@ -5,6 +5,9 @@ torchvision `Resize` on a PIL image does); numpy reshapes pixels into patches, r
 in place through pyarrow where it can (optional; otherwise one more copy). The pipeline is
 `load_image` -> `resize_for_patches` -> `patchify` (`encode_image` runs all three), then
 `normalize_patches` at batch time and `image_token_ids` for the token layout.
+
+What is decoded is bounded before any decoding: files below their root only (`ImagePath`), of at
+most MAX_IMAGE_FILE_BYTES, in IMAGE_FORMATS, taking at most MAX_DECODED_BYTES once decoded.
 """
 
 from __future__ import annotations
