@@ -697,18 +697,18 @@ def test_a_lone_surrogate_in_json_text_is_a_skipped_record_not_a_failed_run(tmp_
     # JSON may escape a lone UTF-16 surrogate ("\ud800"); no UTF-8 text holds one, so the record is
     # unusable: skipped as bad_text, the rest of the run goes on (a rerun used to fail the same way).
     bad = r'"a \ud800 b"'
-    (tmp_path / "a.jsonl").write_text('{"text": "good one"}\n' + '{"text": %s}\n' % bad
-                                      + '{"text": "fine", "meta": %s}\n' % bad)
+    (tmp_path / "a.jsonl").write_text('{"text": "good one"}\n' + f'{{"text": {bad}}}\n'
+                                      + f'{{"text": "fine", "meta": {bad}}}\n')
     with tarfile.open(tmp_path / "c.tar", "w") as tar:
         add_members(tar, [("0.jpg", photo("chelsea.png")), ("0.txt", b"a cat")])
-        add_members(tar, [("1.jpg", photo("chelsea.png")), ("1.json", ('{"caption": %s}' % bad).encode())])
+        add_members(tar, [("1.jpg", photo("chelsea.png")), ("1.json", f'{{"caption": {bad}}}'.encode())])
     (tmp_path / "cat.jpg").write_bytes(photo("chelsea.png"))
     turn = '{"from": "gpt", "value": "A cat."}'
     (tmp_path / "llava.json").write_text("[" + ", ".join([
-        '{"id": "ok", "conversations": [{"from": "human", "value": "Hi"}, %s]}' % turn,
-        '{"id": "v", "conversations": [{"from": "human", "value": %s}, %s]}' % (bad, turn),
-        '{"id": "i", "image": %s, "conversations": [{"from": "human", "value": "What?"}, %s]}' % (bad, turn),
-        '{"id": %s, "conversations": [{"from": "human", "value": "Hi"}, %s]}' % (bad, turn)]) + "]")
+        f'{{"id": "ok", "conversations": [{{"from": "human", "value": "Hi"}}, {turn}]}}',
+        f'{{"id": "v", "conversations": [{{"from": "human", "value": {bad}}}, {turn}]}}',
+        f'{{"id": "i", "image": {bad}, "conversations": [{{"from": "human", "value": "What?"}}, {turn}]}}',
+        f'{{"id": {bad}, "conversations": [{{"from": "human", "value": "Hi"}}, {turn}]}}']) + "]")
     runs = [(["text", "--input", tmp_path / "a.jsonl"], {"bad_text": 1}, 2),
             (["captions", "--input", tmp_path / "c.tar"], {"bad_text": 1}, 1),
             (["sft", "--input", tmp_path / "llava.json", "--images", tmp_path], {"bad_text": 2}, 2)]
