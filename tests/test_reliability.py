@@ -15,6 +15,7 @@ of them deterministic are in `solo.faults` ($SOLO_FAULT_INJECT, off by default).
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import json
@@ -702,3 +703,177 @@ def _check_input(preprocess, name: str, data: bytes) -> None:
 @given(st.sampled_from(sorted(INPUTS)).flatmap(lambda name: st.tuples(st.just(name), mutated([INPUTS[name]]))))
 def test_fuzz_preprocess_readers_on_damaged_inputs(preprocess, bounded_memory, case):
     _check_input(preprocess, *case)
+
+
+# -- 8. Untrusted paths, small inputs that decode huge, corrupt shard content (issue 17) ----------
+
+def test_image_paths_are_confined_to_regular_files_under_the_declared_root(tmp_path):
+    from solo.data.shards import read_folder_manifest
+    from solo.preprocess.cli import main
+    from solo.vision import MAX_IMAGE_FILE_BYTES
+
+    def preprocess(*args) -> dict:
+        out = tmp_path / f"out-{time.monotonic_ns()}"
+        assert main([*map(str, args), "--output", str(out), "--seq-length", "2048", "--max-side", "256",
+                     "--workers", "1"]) == 0
+        return read_folder_manifest(out)
+
+    cat, secret = _photo("chelsea.png", "JPEG", 128), _photo("coffee.png", "JPEG", 128)
+    (tmp_path / "secret.jpg").write_bytes(secret)  # beside the data, outside its root
+    data = tmp_path / "data"
+    (data / "images" / "dir.jpg").mkdir(parents=True)
+    (data / "images" / "cat.jpg").write_bytes(cat)
+    (data / "images" / "alias.jpg").symlink_to("cat.jpg")  # a link that stays inside: read
+    (data / "images" / "out.jpg").symlink_to(tmp_path / "secret.jpg")
+    with open(data / "images" / "huge.jpg", "wb") as f:  # sparse: costs no disk
+        f.truncate(MAX_IMAGE_FILE_BYTES + 1)
+    paths = {"images/cat.jpg": None, "images/alias.jpg": None, "../secret.jpg": "image_outside_root",
+             str(tmp_path / "secret.jpg"): "image_outside_root", "images/out.jpg": "image_outside_root",
+             "images/huge.jpg": "image_too_large", "images/dir.jpg": "unreadable_file",
+             "images/missing.jpg": "unreadable_file"}
+    expected = dict(sorted(collections.Counter(r for r in paths.values() if r).items()))
+    (data / "pairs.jsonl").write_text("".join(json.dumps({"image": p, "caption": f"picture {p}"}) + "\n"
+                                              for p in paths))
+    manifest = preprocess("captions", "--input", data / "pairs.jsonl")
+    assert manifest["skipped"] == expected and manifest["totals"]["documents"] == 2
+
+    # LLaVA JSON (paths below --images) and Parquet (below the file's folder) go the same way.
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    (data / "llava.json").write_text(json.dumps([{"id": p, "image": p, "conversations": turns} for p in
+                                                 ("cat.jpg", "../../secret.jpg", str(tmp_path / "secret.jpg"))]))
+    manifest = preprocess("sft", "--input", data / "llava.json", "--images", data / "images")
+    assert manifest["skipped"] == {"image_outside_root": 2} and manifest["totals"]["documents"] == 1
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [{"bytes": None, "path": p} for p in ("images/cat.jpg", "../secret.jpg")],
+                             "caption": ["inside", "outside"]}), data / "pairs.parquet")
+    manifest = preprocess("captions", "--input", data / "pairs.parquet")
+    assert manifest["skipped"] == {"image_outside_root": 1} and manifest["totals"]["documents"] == 1
+
+
+FIFO_CHILD = """
+import sys
+from solo.preprocess.documents import Layout, Skip, build
+from solo.preprocess.formats import read_records
+from solo.tokenizer import SOLOTokenizer
+from solo.vision import ImageLoadError, load_image
+
+layout = Layout(SOLOTokenizer.default(), 2048, 32, 256)
+for record in read_records("captions", sys.argv[1], 0, None):
+    try:
+        build("captions", record, layout)
+    except Skip as s:
+        print(s.reason)
+for path in ("/dev/zero", sys.argv[2]):  # a path outside any record (ImageNet listings): no root
+    try:
+        load_image(path)
+    except ImageLoadError as e:
+        print(e.reason)
+"""
+
+
+def test_a_fifo_or_device_named_by_a_record_is_refused_without_reading_it(tmp_path):
+    # In a child with a deadline and a memory limit: before the fix a FIFO blocked the run forever
+    # and /dev/zero was read until memory ran out.
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    os.mkfifo(data / "images" / "fifo.jpg")
+    (data / "images" / "zero.jpg").symlink_to("/dev/zero")
+    (data / "pairs.jsonl").write_text("".join(json.dumps({"image": p, "caption": "x"}) + "\n" for p in
+                                              ("images/fifo.jpg", "images/zero.jpg", "/dev/zero")))
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+    done = subprocess.run([sys.executable, "-c", limit + FIFO_CHILD, str(data / "pairs.jsonl"),
+                           str(data / "images" / "fifo.jpg")],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["not_a_regular_file", "image_outside_root", "image_outside_root",
+                                   "not_a_regular_file", "not_a_regular_file"]
+
+
+MEMORY_CHILD = """
+import resource, sys
+from solo.preprocess.documents import Layout, Skip, build
+from solo.preprocess.formats import read_records
+from solo.tokenizer import SOLOTokenizer
+
+layout = Layout(SOLOTokenizer.default(), 2048, 32, int(sys.argv[3]))
+kind, path = sys.argv[1], sys.argv[2]
+list(read_records(kind, path, 0, None))  # warm: the readers' imports and buffers
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+outcomes = []
+for record in read_records(kind, path, 0, None):
+    try:
+        outcomes.append(f"{len(build(kind, record, layout))} documents")
+    except Skip as s:
+        outcomes.append(s.reason)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, *outcomes)
+"""
+
+
+def _peak_mb_and_outcomes(kind: str, path: Path, max_side: int = 256) -> tuple[int, list[str]]:
+    """Read and build every record of `path` in a child; (its peak RSS growth in MB, outcomes)."""
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, kind, str(path), str(max_side)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak, *outcomes = done.stdout.split(maxsplit=1)
+    return int(peak), outcomes[0].replace(" documents", "_documents").split() if outcomes else []
+
+
+def _tiny_png(width: int, height: int, color_type: int) -> bytes:
+    """A PNG of one colour: a few hundred KB whatever its size (color type 6: RGBA, 2: RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + width * {2: 3, 6: 4}[color_type])
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_a_small_png_that_decodes_to_gigabytes_is_refused_before_decoding(tmp_path):
+    from solo.vision import MAX_DECODED_BYTES
+
+    bomb = _tiny_png(9400, 9400, 6)  # 343 KB; RGBA under PIL's pixel limit: 353 MB decoded, 2.3 GB converted
+    assert len(bomb) < 400_000 and 9400 * 9400 * 4 > MAX_DECODED_BYTES
+    (tmp_path / "big.png").write_bytes(bomb)
+    (tmp_path / "small.png").write_bytes(_tiny_png(640, 480, 2))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": f, "caption": "x"}) + "\n"
+                                                  for f in ("big.png", "small.png")))
+    peak_mb, outcomes = _peak_mb_and_outcomes("captions", tmp_path / "pairs.jsonl")
+    assert outcomes == ["decoded_too_large", "1_documents"] and peak_mb < 100, (peak_mb, outcomes)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    # 8000x6000 decoded whole is 192 MB (over the limit); PIL's draft decodes it at 1/4 scale for a
+    # 1024-pixel target, so it is read, and costs a sixteenth.
+    from PIL import Image
+
+    from solo.vision import MAX_DECODED_BYTES
+
+    gradient = Image.linear_gradient("L").resize((8000, 6000)).convert("RGB")
+    assert 8000 * 6000 * 3 > MAX_DECODED_BYTES
+    gradient.save(tmp_path / "photo.jpg", quality=80)
+    del gradient
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "photo.jpg", "caption": "a gradient"}) + "\n")
+    peak_mb, outcomes = _peak_mb_and_outcomes("captions", tmp_path / "pairs.jsonl", max_side=1024)
+    assert outcomes == ["1_documents"] and peak_mb < 120, (peak_mb, outcomes)
+
+
+def test_a_small_zst_holding_a_huge_document_is_streamed_and_skipped(tmp_path):
+    import zstandard
+
+    from solo.preprocess.formats import MAX_RECORD_BYTES
+
+    huge = b'{"text": "' + b"a" * (200 << 20) + b'"}\n'  # 200 MiB of one document in ~6 KB
+    lines = b'{"text": "before"}\n' + huge + b'{"text": "after"}\n'
+    data = zstandard.ZstdCompressor().compress(lines)
+    del huge, lines
+    assert len(data) < 10_000 and 200 << 20 > MAX_RECORD_BYTES
+    (tmp_path / "docs.jsonl.zst").write_bytes(data)
+    peak_mb, outcomes = _peak_mb_and_outcomes("text", tmp_path / "docs.jsonl.zst")
+    assert outcomes == ["1_documents", "document_too_large", "1_documents"] and peak_mb < 100, (peak_mb, outcomes)

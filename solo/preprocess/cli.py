@@ -50,20 +50,37 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def _int_at_least(least: int):
+    """An argparse type: an int >= `least`; anything else is a usage error (exit 2) before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if least == 1 else f'>= {least}'}, got {value}")
+        return value
+    parse.__name__ = "positive integer" if least == 1 else f"integer >= {least}"
+    return parse
+
+
+positive, non_negative = _int_at_least(1), _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output", required=True, help="folder of shards (created; a rerun resumes it)")
     common.add_argument("--tokenizer", default=None,
                         help="sentencepiece model file (default: Mistral-7B-v0.1's, from mistral-common)")
-    common.add_argument("--seq-length", type=int, default=32768, help="tokens per packed sample")
-    common.add_argument("--patch-size", type=int, default=32)
-    common.add_argument("--max-side", type=int, default=1024, help="longest image side after resizing")
-    common.add_argument("--workers", type=int, default=usable_cpus(),
+    common.add_argument("--seq-length", type=positive, default=32768, help="tokens per packed sample")
+    common.add_argument("--patch-size", type=positive, default=32)
+    common.add_argument("--max-side", type=positive, default=1024, help="longest image side after resizing")
+    common.add_argument("--workers", type=positive, default=usable_cpus(),
                         help="processes (default: the CPUs this process may run on)")
-    common.add_argument("--shard-size", type=int, default=None,
+    common.add_argument("--shard-size", type=positive, default=None,
                         help="records per shard (default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_SHARD_SIZE.items()) + ")")
-    common.add_argument("--seed", type=int, default=0, help="record and document order")
+    common.add_argument("--seed", type=non_negative, default=0, help="record and document order (>= 0)")
 
     parser = argparse.ArgumentParser(prog="solo-preprocess", description=__doc__.split("\n\nargparse")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,10 +148,7 @@ def build_source(args):
 
 
 def _check_options(args) -> None:
-    for name in ("seq_length", "patch_size", "max_side", "workers", "shard_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    # Each value alone is checked by its argparse type; here what depends on several, or on files.
     if args.max_side % args.patch_size:
         raise InputError(f"--max-side {args.max_side} is not a multiple of --patch-size {args.patch_size}")
     if os.path.exists(args.output) and not os.path.isdir(args.output):

@@ -105,7 +105,7 @@ class _Tokens:
 def _image(source, key: str, layout: Layout) -> tuple[list[int], np.ndarray]:
     """(image token ids, patches); the size rules are checked before resizing."""
     try:
-        image = load_image(source, name=key)
+        image = load_image(source, name=key, fit=(layout.patch_size, layout.max_side))
     except ImageLoadError as e:
         raise Skip(e.reason, e.detail) from None
     w, h = image.size

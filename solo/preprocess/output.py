@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from solo.data.shards import FORMAT_VERSION
+from solo.data.shards import FORMAT_VERSION, ShardError, read_shard_manifest
 from solo.fileio import TEMP_PREFIX, atomic_write_json, fsync_dir
 from solo.preprocess import __version__
 
@@ -52,9 +52,11 @@ def complete_shards(out: Path, spec_sha: str) -> dict[int, dict]:
     done = {}
     for path in sorted(out.glob("shard-*.json")):
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{path}: unreadable shard manifest ({e}); delete the shard's files to redo it") from e
+            manifest = read_shard_manifest(path.with_suffix(""))
+            if not isinstance(manifest.get("shard"), int) or isinstance(manifest["shard"], bool):
+                raise ShardError(f"{path}: not a shard manifest of solo-preprocess (no shard number)")
+        except ShardError as e:
+            raise UsageError(f"{e}; delete the shard's files to redo it") from e
         if manifest.get("spec_sha256") != spec_sha:
             raise UsageError(f"{out} holds shards made from other inputs or options ({path.name}); "
                              "use a new --output folder or delete this one")

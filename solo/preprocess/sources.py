@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from solo.preprocess.formats import IMAGE_EXTS, InputError, Record, count_records, read_records
+from solo.preprocess.formats import IMAGE_EXTS, InputError, Record, bad_text, count_records, read_records
+from solo.vision import ImagePath
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -104,6 +105,7 @@ class ConversationSource(ListSource):
         label = os.path.basename(self.json_file)
         for index, rec in items:
             key = f"{label}:{rec.get('id', index) if isinstance(rec, dict) else index}"
+            key = key.encode("utf-8", "backslashreplace").decode()  # an id is only a name: "\ud800" kept readable
             if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
                 yield Record(key, error=("bad_conversation", "record is not an object with a 'conversations' list"))
                 continue
@@ -111,7 +113,11 @@ class ConversationSource(ListSource):
             if image is not None and not isinstance(image, str):
                 yield Record(key, error=("bad_conversation", f"'image' must be one path, got {type(image).__name__}"))
                 continue
-            yield Record(key, image=image and os.path.join(self.images, image), conversations=rec["conversations"])
+            if error := bad_text(image=image, conversations=rec["conversations"]):
+                yield Record(key, error=error)
+                continue
+            path = image and ImagePath(os.path.join(self.images, image), self.images)  # only below --images
+            yield Record(key, image=path, conversations=rec["conversations"])
 
 
 class StreamSource:
@@ -199,7 +205,7 @@ def _read_lines(path: str) -> list[tuple[int, str]]:
 def load_conversations(json_file: str) -> list:
     try:
         records = json.loads(Path(json_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"{json_file}: not a readable JSON file ({e})") from e
     if not isinstance(records, list):
         raise InputError(f"{json_file}: expected a JSON list of conversations, got a {type(records).__name__}")

@@ -3,22 +3,14 @@ a row per shard with --per-shard: a folder holds thousands), from the manifests 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from solo.data.shards import ShardError, list_shards
+from solo.data.shards import ShardError, list_shards, read_shard_manifest
 
 COLUMNS = (("documents", "documents"), ("sequences", "sequences"), ("samples", "samples"),
            ("text_tokens", "text tokens"), ("vision_tokens", "vision tokens"), ("images", "images"),
            ("loss_tokens", "loss tokens"))
-
-
-def _read(prefix: str) -> dict:
-    try:
-        return json.loads(Path(f"{prefix}.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{prefix}.json: unreadable shard manifest ({e})") from e
 
 
 def render(folder: str | Path, per_shard: bool = False) -> str:
@@ -26,7 +18,7 @@ def render(folder: str | Path, per_shard: bool = False) -> str:
     prefixes = list_shards(folder, include_empty=True)
     if not prefixes:
         raise ShardError(f"{folder}: no complete shards")
-    manifests = [(Path(p).name, _read(p)) for p in prefixes]
+    manifests = [(Path(p).name, read_shard_manifest(p)) for p in prefixes]
     rows, total, skipped, capacity = [], Counter(), Counter(), 0
     for name, m in manifests:
         counts = m.get("counts", {})

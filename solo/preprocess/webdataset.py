@@ -24,7 +24,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from solo.preprocess.formats import IMAGE_EXTS, Record
+from solo.preprocess.formats import IMAGE_EXTS, Record, bad_text
 
 BLOCK = tarfile.BLOCKSIZE
 CORRUPT_MEMBER = "corrupt_tar_member"
@@ -204,9 +204,11 @@ def _tar_record(kind: str, name: str, key: str, members: dict[str, bytes]) -> Re
     if kind == "captions" and "txt" not in members and "json" in members:
         try:
             meta = json.loads(members["json"])
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             return Record(name, error=("bad_json", f"{key}.json: {e}"))
         caption = meta.get("caption") if isinstance(meta, dict) else None
+        if error := bad_text(caption=caption):
+            return Record(name, error=error)
         return Record(name, image=members[image_ext], text=caption)
     text_ext = {"captions": "txt", "html": "html"}[kind]
     if text_ext not in members:
