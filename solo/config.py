@@ -149,6 +149,10 @@ class TrainConfig:
             (self.data.seq_length_tokens > 0, "data.seq_length_tokens must be positive"),
             (not p.sequence_parallel or p.tensor_parallel > 1, "parallel.sequence_parallel needs tensor_parallel > 1"),
         ]
+        # Packed rows are not split across context-parallel ranks (no THD partitioning, no CP-aware
+        # patch indexing), so CP > 1 is refused up front instead of failing at build or in RoPE.
+        checks.append((p.context_parallel == 1, f"parallel.context_parallel={p.context_parallel} is not supported "
+                       "(packed documents are not split across context-parallel ranks); set it to 1"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)

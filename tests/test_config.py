@@ -1,6 +1,9 @@
 """solo.config: YAML + key=value overrides into frozen dataclasses; unknown keys are errors."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,18 @@ def test_a_source_is_overridden_by_name():
         load_config(CONFIGS / "stage1.yaml", ["data.sources.imagenet21k.fraction=0.8"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(CONFIGS / "stage1.yaml", ["data.sources.imagenet21k.weight=3"])
+
+
+def _solo_train(*args: str) -> subprocess.CompletedProcess:
+    """`solo-train` as a user runs it: its own process, so exit status and stderr are the real ones."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "solo.train", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_context_parallel_is_refused_by_the_cli_naming_the_key():
+    proc = _solo_train(str(CONFIGS / "stage1.yaml"), "parallel.context_parallel=2")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("solo-train: error: ") and "parallel.context_parallel=2" in lines[-1]
+    assert "Traceback" not in proc.stderr
