@@ -105,7 +105,8 @@ def train(cfg: TrainConfig) -> dict:
     pad_id = SOLOTokenizer.default().pad_id
 
     # 2. Model, optimizer, schedule.
-    model = build_model(cfg.model, p, bf16=bf16, recompute_num_layers=cfg.recompute_num_layers)
+    model = build_model(cfg.model, p, bf16=bf16, recompute_num_layers=cfg.recompute_num_layers,
+                        recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method)
     config = model.config
     module = Float16Module(config, model) if bf16 else model
     ddp = DistributedDataParallel(

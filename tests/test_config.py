@@ -26,6 +26,8 @@ def test_paper_recipe_configs(stage, steps):
     assert cfg.parallel.tensor_parallel == 2 and cfg.parallel.use_distributed_optimizer
     assert cfg.model == MODEL_PRESETS["mistral-7b"]
     assert abs(sum(s.fraction for s in cfg.data.sources) - 1) < 1e-9
+    # The authors' scripts: --recompute_granularity full --recompute_method uniform --recompute_num_layers 4
+    assert (cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers) == ("full", "uniform", 4)
 
 
 def test_mistral_shape_and_padded_vocab():
@@ -53,6 +55,10 @@ def test_overrides_reach_nested_fields_and_keep_types():
     ("model.preset=gpt5", "unknown model preset"),
     ("optimizer.min_lr=1", "min_lr"),
     ("lr", "key=value"),
+    ("recompute_granularity=partial", "recompute_granularity must be"),
+    ("recompute_method=every", "recompute_method must be"),
+    ("recompute_num_layers=33", "1 <= recompute_num_layers <= 32"),
+    ("recompute_num_layers=3", "multiple of recompute_num_layers=3"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -101,3 +107,13 @@ def test_context_parallel_is_refused_by_the_cli_naming_the_key():
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("solo-train: error: ") and "parallel.context_parallel=2" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_recompute_num_layers_alone_is_refused_with_the_key_to_set():
+    with pytest.raises(ConfigError, match="recompute_num_layers=2 needs recompute_granularity: full"):
+        config_from_dict({"recompute_num_layers": 2})
+    with pytest.raises(ConfigError, match="needs recompute_granularity: full"):
+        load_config(CONFIGS / "stage1.yaml", ["recompute_granularity=selective"])
+    cfg = load_config(CONFIGS / "stage1.yaml", ["recompute_granularity=selective", "recompute_num_layers=0"])
+    assert cfg.recompute_granularity == "selective"
+    assert load_config(CONFIGS / "stage1.yaml", ["recompute_method=block", "recompute_num_layers=3"]).recompute_num_layers == 3
