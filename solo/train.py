@@ -44,6 +44,7 @@ from solo.data.shards import ShardError
 from solo.distributed import destroy_distributed, device, init_distributed
 from solo.metrics import MetricsLogger, training_flops
 from solo.model import build_model
+from solo.plan import check_fits, print_plan
 from solo.tokenizer import SOLOTokenizer
 
 
@@ -88,6 +89,7 @@ def train(cfg: TrainConfig) -> dict:
     bf16 = gpu and cfg.precision == "bf16"
     p = cfg.parallel
     init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, seed=cfg.seed)
+    check_fits(cfg, torch.cuda.get_device_properties(device()).total_memory if gpu else None, dist.get_world_size())
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     if cfg.global_batch_size % (dp_size * cfg.micro_batch_size):
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by "
@@ -300,9 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="stage YAML (configs/stage1.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor_parallel=2")
+    parser.add_argument("--plan", action="store_true", help="print the memory plan per GPU and exit (no GPU, no torchrun)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="with --plan: check against this GPU size; exit 2 with the change that fits if it does not")
+    parser.add_argument("--gpus", type=int, default=None, help="with --plan: GPUs of the run (default $WORLD_SIZE, else 8)")
     args = parser.parse_args(argv)
     try:
-        train(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if args.plan:
+            return print_plan(cfg, args.gpu_memory_gib, args.gpus)
+        train(cfg)
     except (ConfigError, ShardError, CheckpointError, ValueError) as e:
         # Bad input: one clear line, before any compute where it can be checked up front.
         print(f"solo-train: error: {e}", file=sys.stderr, flush=True)
