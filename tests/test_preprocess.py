@@ -662,3 +662,47 @@ def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(imagenet, 
     finally:
         if disk == "tmpfs":
             unmount(out.parent)
+
+
+def _slimpajama_lines(tmp_path):
+    """SlimPajama-shaped records: 3 of each subset, and 2 without meta."""
+    sets = ["RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaArXiv"]
+    rows = [{"text": f"{name} document {i}.", "meta": {"redpajama_set_name": name}} for name in sets for i in range(3)]
+    rows += [{"text": f"No meta {i}."} for i in range(2)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "chunk.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    return tmp_path / "chunk.jsonl.zst"
+
+
+def _texts(folder, tok):
+    return sorted(tok.decode([int(i) for i in t[1:-1]]) for t, _, _ in documents_of(folder))
+
+
+@pytest.mark.parametrize("option,kept", [
+    # The SOLO authors' filter; records without meta are kept by an exclude list ...
+    ("--exclude-subsets=RedPajamaCommonCrawl,RedPajamaC4", {"RedPajamaGithub", "RedPajamaArXiv", "No meta"}),
+    # ... and dropped by an include list.
+    ("--include-subsets=RedPajamaArXiv", {"RedPajamaArXiv"}),
+])
+def test_text_subsets_are_filtered_on_meta_and_counted(tok, tmp_path, option, kept):
+    source, out = _slimpajama_lines(tmp_path), tmp_path / "out"
+    assert cli("text", "--input", source, "--output", out, option, *OPTS) == 0
+    manifest = read_folder_manifest(out)
+    texts = _texts(out, tok)
+    assert {t.rsplit(" ", 1)[0].replace(" document", "") for t in texts} == kept
+    dropped = 14 - len(texts)
+    assert manifest["skipped"] == {"excluded_subset": dropped}
+    subsets = manifest["subsets"]
+    assert {k: v["records"] for k, v in subsets.items()} == {
+        "RedPajamaArXiv": 3, "RedPajamaC4": 3, "RedPajamaCommonCrawl": 3, "RedPajamaGithub": 3, "(none)": 2}
+    assert sum(v["excluded"] for v in subsets.values()) == dropped
+    assert subsets["RedPajamaArXiv"]["excluded"] == 0
+    assert manifest["spec"]["source"]["subsets"]  # another filter, another spec: a rerun never mixes them
+
+
+def test_text_subset_options_that_contradict_are_refused(tmp_path, capsys):
+    source = _slimpajama_lines(tmp_path)
+    assert cli("text", "--input", source, "--output", tmp_path / "out", "--include-subsets", "RedPajamaC4",
+               "--exclude-subsets", "RedPajamaC4", *OPTS) == 2
+    assert "solo-preprocess: error: --include-subsets and --exclude-subsets both name ['RedPajamaC4']" in \
+        capsys.readouterr().err

@@ -39,6 +39,7 @@ class Record:
     text: str | None = None
     conversations: list | None = None
     error: tuple[str, str] | None = None  # (reason, detail) when unusable as read
+    subset: str | None = None  # SlimPajama's meta.redpajama_set_name (text JSONL), else None
 
 
 def stream_format(path: str) -> str | None:
@@ -143,7 +144,9 @@ def _json_record(kind: str, name: str, line: bytes, folder: Path) -> Record:
         return Record(name, error=("bad_json", f"line is a JSON {type(obj).__name__}, expected an object"))
     text = next((obj[f] for f in TEXT_FIELDS[kind] if f in obj), None)
     if kind == "text":
-        return Record(name, text=text)
+        meta = obj.get("meta")
+        subset = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+        return Record(name, text=text, subset=subset if isinstance(subset, str) else None)
     if isinstance(obj.get("image"), str):
         return Record(name, image=str(folder / obj["image"]), text=text)
     if isinstance(obj.get("image_base64"), str):
