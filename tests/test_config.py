@@ -28,6 +28,18 @@ def test_paper_recipe_configs(stage, steps):
     assert abs(sum(s.fraction for s in cfg.data.sources) - 1) < 1e-9
     # The authors' scripts: --recompute_granularity full --recompute_method uniform --recompute_num_layers 4
     assert (cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers) == ("full", "uniform", 4)
+    assert cfg.optimizer.adam_beta2 == 0.999  # Megatron-LLM's default; the authors' scripts keep it
+    assert {s.name: s.fraction for s in cfg.data.sources} == AUTHORS_MIXTURES[stage]
+
+
+# The authors' scripts/megatron/train/curriculum/*.sh, weights summed per dataset.
+AUTHORS_MIXTURES = {
+    "stage1": {"imagenet21k": 0.7, "slimpajama": 0.3},
+    "stage2": {"capsfusion": 0.460, "slimpajama": 0.270, "websight": 0.161, "cc3m": 0.074,
+               "detailed_captions": 0.014, "ocr_charts": 0.021},
+    "stage3": {"allava_laion": 0.358, "slimpajama": 0.315, "allava_vflan": 0.117, "llavar": 0.094,
+               "dvqa": 0.076, "figureqa": 0.040},
+}
 
 
 def test_mistral_shape_and_padded_vocab():
