@@ -1,7 +1,8 @@
 """Memory plan: bytes per GPU of a stage's config, before any GPU is touched (`solo-train CONFIG --plan`).
 
-Pure arithmetic from the config: no torch, no GPU, no torchrun. What it counts, per GPU (the
-first pipeline stage, the fullest: embedding + its layers + the micro batches 1F1B keeps in flight):
+Pure arithmetic from the config: no torch, no GPU, no torchrun. What it counts, per GPU (with
+pipeline parallelism the fuller of the first stage, with the embedding and the micro batches 1F1B
+keeps in flight, and the last, with the output layer and the logits):
 
 * **weights, gradient buffer, optimizer shard**, as megatron-core 0.16.1 keeps them:
   `DistributedDataParallel` puts every parameter of the rank's TP/PP shard in one contiguous param
@@ -113,7 +114,7 @@ def parameter_bytes(params: int, bf16: bool, distributed_optimizer: bool, dp: in
 
 
 def activations(cfg: TrainConfig, bf16: bool, backend: str = "flash") -> Activations:
-    """Peak activation bytes of one micro batch on the first pipeline stage (see the module docstring)."""
+    """Peak activation bytes on the fuller of the first and last pipeline stage (see the module docstring)."""
     m, p = cfg.model, cfg.parallel
     tp, sp = p.tensor_parallel, p.sequence_parallel
     e = 2 if bf16 else 4
@@ -141,8 +142,8 @@ def activations(cfg: TrainConfig, bf16: bool, backend: str = "flash") -> Activat
     else:  # none, or selective (core attention only, which flash attention does not keep anyway)
         kept, chunk = layers * full, 0
     head = tokens * (LOGITS_BYTES * m.padded_vocab_size // tp + 2 * e * h)  # logits; final norm + output input
-    head = head if p.pipeline_parallel == 1 else 0  # on the last stage; the first stage has no loss
-    forward_end = in_flight * kept + head
+    # The first stage holds `in_flight` micro batches, the last stage one and the logits (PP=1: both).
+    forward_end = max(in_flight * kept, kept + head)
     backward = in_flight * kept + chunk + full  # + the gradients in flight, about one layer's worth
     if forward_end >= backward:
         return Activations(full, kept_input, forward_end, "end of forward (logits and loss)")
