@@ -120,7 +120,13 @@ class TrainConfig:
     global_batch_size: int = 128
     micro_batch_size: int = 1
     precision: str = "bf16"  # bf16 on GPU; CPU runs always use fp32
-    recompute_num_layers: int = 0  # full activation recompute of this many layers (0: off)
+    # Activation recomputation, megatron-core's TransformerConfig names. full: every recomputed layer
+    # keeps only its input; uniform: chunks of recompute_num_layers layers, each chunk's input kept,
+    # all layers recomputed; block: the first recompute_num_layers layers of each pipeline stage.
+    # selective: only core attention is recomputed (recompute_num_layers stays 0).
+    recompute_granularity: str = "none"  # none | full | selective
+    recompute_method: str = "uniform"  # uniform | block (full only)
+    recompute_num_layers: int = 0
     init_from: str = ""  # previous stage's checkpoint dir, or a SOLO checkpoint from solo-convert
     save_dir: str = "runs/stage1"
     save_interval_steps: int = 50
@@ -149,6 +155,11 @@ class TrainConfig:
             (self.data.seq_length_tokens > 0, "data.seq_length_tokens must be positive"),
             (not p.sequence_parallel or p.tensor_parallel > 1, "parallel.sequence_parallel needs tensor_parallel > 1"),
         ]
+        # Packed rows are not split across context-parallel ranks (no THD partitioning, no CP-aware
+        # patch indexing), so CP > 1 is refused up front instead of failing at build or in RoPE.
+        checks.append((p.context_parallel == 1, f"parallel.context_parallel={p.context_parallel} is not supported "
+                       "(packed documents are not split across context-parallel ranks); set it to 1"))
+        checks += self._recompute_checks()
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -156,6 +167,24 @@ class TrainConfig:
         if fractions and (min(fractions) <= 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)):
             raise ConfigError(f"data.sources fractions must be positive and sum to 1, got {fractions}")
         return self
+
+    def _recompute_checks(self) -> list[tuple[bool, str]]:
+        granularity, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        per_stage = self.model.num_layers // max(self.parallel.pipeline_parallel, 1)
+        full = granularity == "full"
+        return [
+            (granularity in ("none", "full", "selective"),
+             f"recompute_granularity must be none, full or selective, got {granularity!r}"),
+            (method in ("uniform", "block"), f"recompute_method must be uniform or block, got {method!r}"),
+            (not full or 1 <= n <= per_stage, f"recompute_granularity full needs 1 <= recompute_num_layers <= "
+             f"{per_stage} (layers per pipeline stage), got {n}"),
+            (full or n == 0, f"recompute_num_layers={n} needs recompute_granularity: full "
+             f"(it is {granularity!r})"),
+            # megatron-core's uniform loop would index past the last layer of the stage.
+            (not (full and method == "uniform") or per_stage % max(n, 1) == 0,
+             f"recompute_method uniform needs the {per_stage} layers per pipeline stage to be a multiple of "
+             f"recompute_num_layers={n}"),
+        ]
 
 
 def _build(cls, values: dict, where: str):

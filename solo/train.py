@@ -57,6 +57,7 @@ from solo.distributed import destroy_distributed, device, init_distributed
 from solo.faults import inject_into_forward_step
 from solo.metrics import MetricsLogger, training_flops
 from solo.model import SOLOModel, build_model
+from solo.plan import check_fits, print_plan
 from solo.tokenizer import TOKEN_IDS
 
 
@@ -93,6 +94,8 @@ def train(cfg: TrainConfig) -> dict:
     init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, seed=cfg.seed)
 
     # 1. Everything that can be wrong with the inputs is checked before any compute.
+    gpu_bytes = torch.cuda.get_device_properties(device()).total_memory if torch.cuda.is_available() else None
+    check_fits(cfg, gpu_bytes, dist.get_world_size())
     num_microbatches(cfg)
     data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size)
     resume, init = _checkpoints_to_load(cfg)
@@ -232,6 +235,7 @@ def build_training(cfg: TrainConfig, train_steps: int, *, backend: str | None = 
     bf16 = gpu and cfg.precision == "bf16"
     p = cfg.parallel
     model = build_model(cfg.model, p, backend=backend, bf16=bf16, recompute_num_layers=cfg.recompute_num_layers,
+                        recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
                         use_cpu_initialization=use_cpu_initialization)
     ddp = _data_parallel(model, p, bf16=bf16, gpu=gpu)
     optimizer = get_megatron_optimizer(_optimizer_config(cfg.optimizer, p, bf16, model.config.params_dtype), [ddp])
@@ -384,9 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="stage YAML (configs/stage1.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor_parallel=2")
+    parser.add_argument("--plan", action="store_true", help="print the memory plan per GPU and exit (no GPU, no torchrun)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="with --plan: check against this GPU size; exit 2 with the change that fits if it does not")
+    parser.add_argument("--gpus", type=int, default=None, help="with --plan: GPUs of the run (default $WORLD_SIZE, else 8)")
     args = parser.parse_args(argv)
     try:
-        train(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if args.plan:
+            return print_plan(cfg, args.gpu_memory_gib, args.gpus)
+        train(cfg)
     except (ConfigError, ShardError, CheckpointError, ValueError) as e:
         # Bad input: one clear line, before any compute where it can be checked up front.
         print(f"solo-train: error: {e}", file=sys.stderr, flush=True)

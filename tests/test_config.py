@@ -1,6 +1,9 @@
 """solo.config: YAML + key=value overrides into frozen dataclasses; unknown keys are errors."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,20 @@ def test_paper_recipe_configs(stage, steps):
     assert cfg.parallel.tensor_parallel == 2 and cfg.parallel.use_distributed_optimizer
     assert cfg.model == MODEL_PRESETS["mistral-7b"]
     assert abs(sum(s.fraction for s in cfg.data.sources) - 1) < 1e-9
+    # The authors' scripts: --recompute_granularity full --recompute_method uniform --recompute_num_layers 4
+    assert (cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers) == ("full", "uniform", 4)
+    assert cfg.optimizer.adam_beta2 == 0.999  # Megatron-LLM's default; the authors' scripts keep it
+    assert {s.name: s.fraction for s in cfg.data.sources} == AUTHORS_MIXTURES[stage]
+
+
+# The authors' scripts/megatron/train/curriculum/*.sh, weights summed per dataset.
+AUTHORS_MIXTURES = {
+    "stage1": {"imagenet21k": 0.7, "slimpajama": 0.3},
+    "stage2": {"capsfusion": 0.460, "slimpajama": 0.270, "websight": 0.161, "cc3m": 0.074,
+               "detailed_captions": 0.014, "ocr_charts": 0.021},
+    "stage3": {"allava_laion": 0.358, "slimpajama": 0.315, "allava_vflan": 0.117, "llavar": 0.094,
+               "dvqa": 0.076, "figureqa": 0.040},
+}
 
 
 def test_mistral_shape_and_padded_vocab():
@@ -50,6 +67,10 @@ def test_overrides_reach_nested_fields_and_keep_types():
     ("model.preset=gpt5", "unknown model preset"),
     ("optimizer.min_lr=1", "min_lr"),
     ("lr", "key=value"),
+    ("recompute_granularity=partial", "recompute_granularity must be"),
+    ("recompute_method=every", "recompute_method must be"),
+    ("recompute_num_layers=33", "1 <= recompute_num_layers <= 32"),
+    ("recompute_num_layers=3", "multiple of recompute_num_layers=3"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -83,3 +104,28 @@ def test_a_source_is_overridden_by_name():
         load_config(CONFIGS / "stage1.yaml", ["data.sources.imagenet21k.fraction=0.8"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(CONFIGS / "stage1.yaml", ["data.sources.imagenet21k.weight=3"])
+
+
+def _solo_train(*args: str) -> subprocess.CompletedProcess:
+    """`solo-train` as a user runs it: its own process, so exit status and stderr are the real ones."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "solo.train", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_context_parallel_is_refused_by_the_cli_naming_the_key():
+    proc = _solo_train(str(CONFIGS / "stage1.yaml"), "parallel.context_parallel=2")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("solo-train: error: ") and "parallel.context_parallel=2" in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_recompute_num_layers_alone_is_refused_with_the_key_to_set():
+    with pytest.raises(ConfigError, match="recompute_num_layers=2 needs recompute_granularity: full"):
+        config_from_dict({"recompute_num_layers": 2})
+    with pytest.raises(ConfigError, match="needs recompute_granularity: full"):
+        load_config(CONFIGS / "stage1.yaml", ["recompute_granularity=selective"])
+    cfg = load_config(CONFIGS / "stage1.yaml", ["recompute_granularity=selective", "recompute_num_layers=0"])
+    assert cfg.recompute_granularity == "selective"
+    assert load_config(CONFIGS / "stage1.yaml", ["recompute_method=block", "recompute_num_layers=3"]).recompute_num_layers == 3

@@ -5,7 +5,8 @@
     solo-preprocess captions --input 'cc3m/*.tar' --output shards/cc3m
     solo-preprocess html     --input 'websight/*.parquet' --output shards/websight
     solo-preprocess sft      --input llava.json --images llava/images --output shards/llava
-    solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama
+    solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama \
+                             --exclude-subsets RedPajamaCommonCrawl,RedPajamaC4
     solo-preprocess stats shards/cc3m [--per-shard]
 
 argparse lives here only. Arguments and inputs are checked before any work: a wrong one exits
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--input", required=True, nargs="+", metavar="PATTERN",
                        help="files, folders or glob patterns (quote them; ** recurses)")
+        if kind == "text":
+            _add_subset_options(p)
     p = sub.add_parser("sft", parents=[common], help="LLaVA-style conversation JSON")
     p.add_argument("--input", required=True, help="JSON list of {id, image, conversations}")
     p.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
@@ -103,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
     return parser
+
+
+def _add_subset_options(p) -> None:
+    p.add_argument("--exclude-subsets", default="", metavar="NAME[,NAME]",
+                   help="drop records whose meta.redpajama_set_name is one of these (the SOLO authors: "
+                   "RedPajamaCommonCrawl,RedPajamaC4); records without one are kept")
+    p.add_argument("--include-subsets", default="", metavar="NAME[,NAME]",
+                   help="keep only records whose meta.redpajama_set_name is one of these; records "
+                   "without one are dropped. Dropped records count as skipped: excluded_subset")
+
+
+def _subset_filter(args):
+    from solo.preprocess.sources import SubsetFilter
+
+    include, exclude = (tuple(n.strip() for n in getattr(args, key, "").split(",") if n.strip())
+                        for key in ("include_subsets", "exclude_subsets"))
+    if set(include) & set(exclude):
+        raise InputError(f"--include-subsets and --exclude-subsets both name {sorted(set(include) & set(exclude))}")
+    return SubsetFilter(include, exclude) if include or exclude else None
 
 
 def _expand(patterns: list[str], suffixes: tuple[str, ...]) -> list[str]:
@@ -144,7 +166,8 @@ def build_source(args):
         _require(args.input, "--input")
         _require(args.images, "--images", folder=True)
         return sources.ConversationSource(args.input, args.images, sources.load_conversations(args.input))
-    return sources.StreamSource(args.command, args.input, _expand(args.input, STREAM_KINDS[args.command]))
+    return sources.StreamSource(args.command, args.input, _expand(args.input, STREAM_KINDS[args.command]),
+                                _subset_filter(args))
 
 
 def _check_options(args) -> None:

@@ -43,6 +43,7 @@ class Record:
     text: str | None = None
     conversations: list | None = None
     error: tuple[str, str] | None = None  # (reason, detail) when unusable as read
+    subset: str | None = None  # SlimPajama's meta.redpajama_set_name (text JSONL), else None
 
 
 # JSON may escape a lone UTF-16 surrogate ("\ud800"; json.loads also lets CESU-8 bytes through):
@@ -224,7 +225,9 @@ def _json_record(kind: str, name: str, line: bytes, folder: Path) -> Record:
     if error := bad_text(text=text, image=obj.get("image")):
         return Record(name, error=error)
     if kind == "text":
-        return Record(name, text=text)
+        meta = obj.get("meta")
+        subset = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+        return Record(name, text=text, subset=subset if isinstance(subset, str) else None)
     if isinstance(obj.get("image"), str):  # a path below the JSONL's folder, nowhere else
         return Record(name, image=ImagePath(str(folder / obj["image"]), str(folder)), text=text)
     if isinstance(obj.get("image_base64"), str):

@@ -71,12 +71,16 @@ def folder_manifest(out: Path, spec: dict, spec_sha: str, planned: int, done: di
     capacity = totals["samples"] * spec["seq_length"]
     totals["fill"] = round(totals["tokens"] / capacity, 6) if capacity else 0.0
     skipped: Counter = Counter()
+    subsets: dict[str, Counter] = {}
     for m in done.values():
         skipped.update(m.get("skipped", {}))
+        for name, tally in m.get("subsets", {}).items():
+            subsets.setdefault(name, Counter()).update(tally)
     manifest = {
         "tool": "solo-preprocess", "format_version": FORMAT_VERSION, "spec": spec, "spec_sha256": spec_sha,
         "shards_planned": planned, "shards_complete": len(done), "complete": len(done) == planned,
         "totals": totals, "skipped": dict(sorted(skipped.items())),
+        **({"subsets": {k: dict(v) for k, v in sorted(subsets.items())}} if subsets else {}),
         "shards": [{"name": f"shard-{k:05d}", **{c: m["counts"].get(c, 0) for c in ("records", "documents",
                     "samples", "tokens", "vision_tokens", "images", "fill")},
                     "skipped": sum(m.get("skipped", {}).values()),

@@ -89,11 +89,16 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
         docs: list[tuple[np.ndarray, np.ndarray, list]] = []
         skipped: Counter = Counter()
         counts = Counter()
+        subsets: dict[str, Counter] = {}  # SlimPajama's meta.redpajama_set_name: records, excluded
         pending_records = pending_tokens = 0
         last = time.monotonic()
         for record in source.read(task.items):
             counts["records"] += 1
             pending_records += 1
+            if spec_kind == "text":  # per subset ("(none)": no meta), so a filter's effect is visible
+                tally = subsets.setdefault(record.subset or "(none)", Counter(records=0, excluded=0))
+                tally["records"] += 1
+                tally["excluded"] += (record.error or ("",))[0] == "excluded_subset"
             try:
                 pieces: list[Document] = build(spec_kind, record, layout)
             except Skip as s:
@@ -129,6 +134,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
             "counts": {"records": counts["records"], "documents": counts["documents"],
                        "truncated": counts["truncated"]},
             "skipped": dict(sorted(skipped.items())),
+            **({"subsets": {k: dict(v) for k, v in sorted(subsets.items())}} if subsets else {}),
         })
     except BaseException:
         writer.abort()

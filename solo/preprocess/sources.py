@@ -120,13 +120,33 @@ class ConversationSource(ListSource):
             yield Record(key, image=path, conversations=rec["conversations"])
 
 
+@dataclass(frozen=True)
+class SubsetFilter:
+    """`--include-subsets` / `--exclude-subsets` on SlimPajama's `meta.redpajama_set_name`. A record
+    without one is kept by an exclude list (it is in no excluded subset) and dropped by an include
+    list (it is in none of the included ones)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def rejects(self, subset: str | None) -> str | None:
+        """Why a record of `subset` is dropped, or None to keep it."""
+        if subset in self.exclude:
+            return f"meta.redpajama_set_name {subset!r} is excluded (--exclude-subsets)"
+        if self.include and subset not in self.include:
+            return (f"meta.redpajama_set_name {subset!r} is not included (--include-subsets)" if subset
+                    else "no meta.redpajama_set_name, and --include-subsets keeps only the named subsets")
+        return None
+
+
 class StreamSource:
     """captions / html / text files read in order (webdataset tar, JSONL, .jsonl.zst, Parquet)."""
 
-    def __init__(self, kind: str, patterns: list[str], files: list[str]):
+    def __init__(self, kind: str, patterns: list[str], files: list[str], subsets: SubsetFilter | None = None):
         self.kind, self.files = kind, [os.path.abspath(f) for f in files]
         self.input = [os.path.abspath(p) for p in patterns]
         self.counts: list[int] | None = None
+        self.subsets = subsets
 
     def plan(self, shard_size: int, seed: int, map_fn: Callable = map) -> list[ShardTask]:
         if self.counts is None:
@@ -152,9 +172,12 @@ class StreamSource:
         return ShardTask(k, segments, records, {"records": records, "shuffled": False, "segments": described})
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "input": self.input,
+        spec = {"kind": self.kind, "input": self.input,
                 "files": [{"path": f, "bytes": os.path.getsize(f), "records": n}
                           for f, n in zip(self.files, self.counts or [None] * len(self.files))]}
+        if self.subsets:  # another filter is another output: part of the spec, so never mixed on resume
+            spec["subsets"] = {"include": list(self.subsets.include), "exclude": list(self.subsets.exclude)}
+        return spec
 
     def read(self, segments: list[tuple[int, int, int]]) -> Iterator[Record]:
         # Records are named by their file's path below the inputs' common folder: basenames repeat
@@ -162,7 +185,11 @@ class StreamSource:
         root = os.path.commonpath([os.path.dirname(f) for f in self.files])
         for file_index, start, stop in segments:
             path = self.files[file_index]
-            yield from read_records(self.kind, path, start, stop, os.path.relpath(path, root))
+            for record in read_records(self.kind, path, start, stop, os.path.relpath(path, root)):
+                reason = self.subsets.rejects(record.subset) if self.subsets and not record.error else None
+                if reason:
+                    record.error = ("excluded_subset", reason)
+                yield record
 
 
 def _count(args: tuple[str, str]) -> int:
