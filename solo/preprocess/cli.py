@@ -151,21 +151,27 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "stats":
-            from solo.preprocess.stats import render
+            from solo.preprocess.stats import report
 
-            print(render(args.folder, per_shard=args.per_shard))
+            text, documents = report(args.folder, per_shard=args.per_shard)
+            print(text)
+            if documents == 0:
+                raise ShardError(f"{args.folder}: its shards hold no documents (every record was skipped)")
             return 0
         _check_options(args)
         source = build_source(args)
         from solo.preprocess.documents import Layout
-        from solo.preprocess.pipeline import Options, run
+        from solo.preprocess.pipeline import Options, run, skip_summary
         from solo.tokenizer import SOLOTokenizer
 
         tokenizer = SOLOTokenizer(args.tokenizer) if args.tokenizer else SOLOTokenizer.default()
         options = Options(args.seq_length, args.patch_size, args.max_side, args.seed,
                           args.shard_size or DEFAULT_SHARD_SIZE[args.command])
         layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side)
-        run(source, layout, options, Path(args.output), args.workers)
+        manifest = run(source, layout, options, Path(args.output), args.workers)
+        if manifest["totals"]["documents"] == 0:
+            raise UsageError(f"--output {args.output}: no documents from {manifest['totals']['records']:,} records "
+                             f"({skip_summary(manifest['skipped'])})")
     except (InputError, UsageError, ShardError) as e:
         print(f"solo-preprocess: error: {e}{_disk_full(getattr(e, 'errno', None))}", file=sys.stderr)
         return 2

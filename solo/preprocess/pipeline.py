@@ -37,6 +37,18 @@ from solo.preprocess.packing import pack
 from solo.preprocess.sources import ShardTask
 
 log = logging.getLogger("solo.preprocess")
+# Skip warnings shown per reason in each process: real corpora skip thousands of records for the
+# same reason; the shard manifests count every one and the run ends with the totals by reason.
+SKIP_WARNINGS_PER_REASON = 10
+_skip_warnings: Counter = Counter()
+
+
+def _warn_skip(kind: str, key: str, skip: Skip) -> None:
+    _skip_warnings[skip.reason] += 1
+    n = _skip_warnings[skip.reason]
+    if n <= SKIP_WARNINGS_PER_REASON:
+        more = "; further skips for this reason are counted, not shown" if n == SKIP_WARNINGS_PER_REASON else ""
+        log.warning("skip %s %s: %s: %s%s", kind, key, skip.reason, skip.detail, more)
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
                 pieces: list[Document] = build(spec_kind, record, layout)
             except Skip as s:
                 skipped[s.reason] += 1
-                log.warning("skip %s %s: %s: %s", spec_kind, record.key, s.reason, s.detail)
+                _warn_skip(spec_kind, record.key, s)
                 continue
             counts["documents"] += 1
             counts["truncated"] += any(p.truncated for p in pieces)
@@ -153,6 +165,14 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
     log.info("%s: %d records -> %d documents -> %d samples, fill %.2f%%, %d skipped",
              prefix.name, c["records"], c["documents"], c["samples"], 100 * c.get("fill", 0), sum(skipped.values()))
     return manifest
+
+
+def skip_summary(skipped: dict[str, int]) -> str:
+    """'skipped 12 records: missing_text 10, corrupt_image 2' (every reason, most frequent first)."""
+    if not skipped:
+        return "skipped no records"
+    reasons = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"skipped {sum(skipped.values()):,} records: " + ", ".join(f"{r} {n:,}" for r, n in reasons)
 
 
 # -- worker processes --------------------------------------------------------------------------
@@ -234,6 +254,7 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
     """Write every missing shard of `source` into `out`; returns the folder manifest."""
     out.mkdir(parents=True, exist_ok=True)
     lock = output.lock(out)
+    _skip_warnings.clear()  # forked workers start from this
     pool = progress = None
     try:
         _import_megatron()
@@ -281,9 +302,8 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
         progress = None
         manifest = write_manifest()
         t = manifest["totals"]
-        log.info("done: %d shards, %d documents -> %d samples, fill %.2f%%, %d skipped %s",
-                 len(done), t["documents"], t["samples"], 100 * t["fill"], sum(manifest["skipped"].values()),
-                 manifest["skipped"] or "")
+        log.info("done: %d shards, %d documents -> %d samples, fill %.2f%%; %s",
+                 len(done), t["documents"], t["samples"], 100 * t["fill"], skip_summary(manifest["skipped"]))
         return manifest
     except BaseException:
         if pool is not None:

@@ -11,7 +11,7 @@ from solo.data.shards import ShardError, list_shards
 
 COLUMNS = (("documents", "documents"), ("sequences", "sequences"), ("samples", "samples"),
            ("text_tokens", "text tokens"), ("vision_tokens", "vision tokens"), ("images", "images"),
-           ("loss_tokens", "loss tokens"))
+           ("loss_tokens", "loss tokens"), ("truncated", "truncated"))
 
 
 def _read(prefix: str) -> dict:
@@ -23,6 +23,11 @@ def _read(prefix: str) -> dict:
 
 def render(folder: str | Path, per_shard: bool = False) -> str:
     """The folder's totals (a row per shard above them with `per_shard`) and skips by reason."""
+    return report(folder, per_shard)[0]
+
+
+def report(folder: str | Path, per_shard: bool = False) -> tuple[str, int]:
+    """(the table `render` prints, the folder's document count)."""
     prefixes = list_shards(folder, include_empty=True)
     if not prefixes:
         raise ShardError(f"{folder}: no complete shards")
@@ -52,4 +57,4 @@ def render(folder: str | Path, per_shard: bool = False) -> str:
                     f"max side {first.get('max_side')}, {len(manifests)} shards"
                     + (f" of {first['shards_planned']} planned" if "shards_planned" in first else ""))
     lines.append("skipped: " + (", ".join(f"{r} {n:,}" for r, n in sorted(skipped.items())) or "none"))
-    return "\n".join(lines)
+    return "\n".join(lines), total["documents"]
