@@ -58,3 +58,114 @@ def test_stats_shows_truncated_documents(tmp_path, capsys):
     [total] = [line.split() for line in lines if line.startswith("total")]
     assert total[1 + header.index("truncated")] == "1"
     assert read_folder_manifest(tmp_path / "out")["totals"]["truncated"] == 1
+
+
+# -- ImageNet-21K: per-synset tars, mixed trees, ImageNet-21K-P ---------------------------------
+
+IMAGENET = {"n01440764": ("chelsea.png", "tabby cat"), "n01443537": ("rocket.jpg", "rocket"),
+            "n01484850": ("horse.png", "horse")}
+
+
+def write_synset_tar(path, wnid, images):
+    """A per-synset tar as winter21_whole.tar.gz holds them: flat `nXXXXXXXX_N.JPEG` members, GNU format."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_members(tar, [(f"{wnid}_{k}.JPEG", data) for k, data in enumerate(images)])
+
+
+def imagenet_docs(tok, folder):
+    """sorted (class name, sha256 of the image's patches) of every document."""
+    import hashlib
+
+    return sorted((tok.decode(t[loss == 1]), hashlib.sha256(p[0].tobytes()).hexdigest())
+                  for t, loss, p in documents_of(folder))
+
+
+def expected_docs(images_by_name):
+    import hashlib
+
+    return sorted((name, hashlib.sha256(encode_image(data, PATCH, SIDE).patches.tobytes()).hexdigest())
+                  for name, data in images_by_name)
+
+
+def test_imagenet_reads_per_synset_tars_and_mixed_trees_without_extracting(tok, tmp_path, capsys):
+    root = tmp_path / "winter21_whole"
+    root.mkdir()
+    images = {w: [photo(f, side) for side in (96, 160)] for w, (f, _) in IMAGENET.items()}
+    write_synset_tar(root / "n01440764.tar", "n01440764", images["n01440764"])
+    write_synset_tar(root / "n01443537.tar", "n01443537", images["n01443537"])
+    (root / "n01484850").mkdir()  # one synset already extracted: the tree is mixed
+    for k, data in enumerate(images["n01484850"]):
+        (root / "n01484850" / f"n01484850_{k}.JPEG").write_bytes(data)
+    synsets = tmp_path / "synsets.txt"
+    synsets.write_text("".join(f"{w} {name.replace(' ', '_')}, x\n" for w, (_, name) in IMAGENET.items()))
+    before = sorted(p.name for p in root.iterdir())
+    out = tmp_path / "out"
+    assert cli("imagenet", "--input", root, "--synsets", synsets, "--output", out, *OPTS) == 0
+    assert sorted(p.name for p in root.iterdir()) == before  # nothing extracted
+    assert imagenet_docs(tok, out) == expected_docs(
+        (IMAGENET[w][1], data) for w, datas in images.items() for data in datas)
+    assert read_folder_manifest(out)["totals"]["documents"] == 6
+
+    def refused(message):
+        assert cli("imagenet", "--input", root, "--synsets", synsets, "--output", tmp_path / "o2", *OPTS) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "o2").exists()
+
+    # A tar it cannot read is an error naming it, never a class silently dropped.
+    good = (root / "n01443537.tar").read_bytes()
+    members = tarfile.open(root / "n01443537.tar").getmembers()
+    (root / "n01443537.tar").write_bytes(good[:members[1].offset])  # cut between members: no end marker
+    refused(f"{root}/n01443537.tar: no end-of-archive marker")
+    (root / "n01443537.tar").write_bytes(good[:members[1].offset_data + 100])  # cut inside an image
+    refused(f"{root}/n01443537.tar: not a readable tar (unexpected end of data)")
+    (root / "n01443537.tar").write_bytes(b"not a tar at all" * 64)
+    refused(f"{root}/n01443537.tar: not a readable tar")
+    (root / "n01443537.tar").write_bytes(good)
+    (root / "n01443537").mkdir()  # half extracted
+    refused("synset n01443537 is both a folder and n01443537.tar")
+    (root / "n01443537").rmdir()
+    (root / "winter21_whole.tar.gz").write_bytes(b"\x1f\x8b")
+    refused("winter21_whole.tar.gz: a compressed archive; unpack it once")
+
+
+def miil_tree(wnids, descriptions):
+    """imagenet21k_miil_tree.pth as Alibaba-MIIL's ImageNet21K code reads it (src_files/semantic/
+    semantics.py: class_tree_list, class_description; visualize_detector.py: class_list indexed by
+    class number; child_2_parent): class_list a numpy array of wnids, numpy ints in the tree lists."""
+    return {"class_list": np.array(wnids), "child_2_parent": {w: wnids[0] for w in wnids[1:]},
+            "class_tree_list": [[np.int64(i)] + ([0] if i else []) for i in range(len(wnids))],
+            "class_description": dict(zip(wnids, descriptions, strict=True))}
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_imagenet21k_p_root_and_its_miil_tree(tok, tmp_path, capsys):
+    import torch
+
+    root = tmp_path / "imagenet21k_resized"
+    wnids = list(IMAGENET)
+    split_images = {}
+    for split, side in (("train", 128), ("val", 96)):
+        for w, (file, _) in IMAGENET.items():
+            (root / f"imagenet21k_{split}" / w).mkdir(parents=True)
+            data = photo(file, side)
+            (root / f"imagenet21k_{split}" / w / f"{w}_1.JPEG").write_bytes(data)
+            split_images.setdefault(split, []).append((w, data))
+    tree = tmp_path / "imagenet21k_miil_tree.pth"
+    torch.save(miil_tree(wnids, ["tabby_cat, tabby", "rocket", "horse, Equus_caballus"]), tree)
+    for split in ("train", "val"):
+        out = tmp_path / split
+        assert cli("imagenet", "--input", root, "--split", split, "--synsets", tree, "--output", out, *OPTS) == 0
+        assert imagenet_docs(tok, out) == expected_docs((IMAGENET[w][1], d) for w, d in split_images[split])
+    # A tree whose pickle would run code is refused, and the code never runs.
+    marker = tmp_path / "ran"
+    torch.save({"class_list": wnids, "class_description": _RunsCode(marker)}, tmp_path / "evil.pth")
+    assert cli("imagenet", "--input", root, "--synsets", tmp_path / "evil.pth", "--output", tmp_path / "e", *OPTS) == 2
+    assert f"{tmp_path}/evil.pth: not a readable ImageNet-21K-P tree" in capsys.readouterr().err
+    assert not marker.exists()

@@ -31,6 +31,12 @@ from solo.preprocess.formats import STREAM_SUFFIXES, InputError, stream_format
 # shard's raw patches (3 KiB per vision token) stay a few GB.
 DEFAULT_SHARD_SIZE = {"imagenet": 8192, "captions": 16384, "html": 4096, "sft": 8192, "text": 16384}
 SCHEMAS = {
+    "imagenet": "--input: nXXXXXXXX/ folders of images and/or nXXXXXXXX.tar per-synset tars (the members of\n"
+                "winter21_whole.tar.gz: unpack that once, the per-synset tars are read in place), mixed freely;\n"
+                "or ImageNet-21K-P's root holding imagenet21k_train/ and imagenet21k_val/ (--split).\n"
+                "--synsets: LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca'), wnids.txt + --lemmas\n"
+                "lemmas.txt, or ImageNet-21K-P's imagenet21k_miil_tree.pth (read without running pickle code).\n"
+                "The document's text is the synset's first lemma, '_' as a space.",
     "captions": "JSONL lines: {\"image\": path relative to the file | \"image_base64\": ...,\n"
                 "\"caption\" (or txt/text)}.\n"
                 "Parquet: an image column (image as {bytes, path} | jpg | png | ...) and caption/txt/text.",
@@ -68,9 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solo-preprocess", description=__doc__.split("\n\nargparse")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("imagenet", parents=[common], help="ImageNet(-21K) nXXXXXXXX/*.JPEG folders")
-    p.add_argument("--input", required=True, help="folder of synset folders")
-    p.add_argument("--synsets", required=True, help="LOC_synset_mapping.txt, or wnids.txt with --lemmas")
+    p = sub.add_parser("imagenet", parents=[common], help="ImageNet(-21K) synset folders or per-synset tars",
+                       description=SCHEMAS["imagenet"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder of nXXXXXXXX/ folders and/or nXXXXXXXX.tar files, "
+                   "or ImageNet-21K-P's root (imagenet21k_train/, imagenet21k_val/)")
+    p.add_argument("--split", default="train", choices=("train", "val"),
+                   help="ImageNet-21K-P's imagenet21k_<split> folder (default train)")
+    p.add_argument("--synsets", required=True,
+                   help="LOC_synset_mapping.txt, wnids.txt with --lemmas, or imagenet21k_miil_tree.pth")
     p.add_argument("--lemmas", default=None, help="lemma lines matching --synsets line by line (ImageNet-21K)")
     for kind, what in (("captions", "image-caption pairs: webdataset .tar (KEY.jpg + KEY.txt/.json), JSONL, Parquet"),
                        ("html", "(image, HTML) pairs: webdataset .tar (KEY.png + KEY.html), JSONL, Parquet"),
@@ -118,10 +129,13 @@ def build_source(args):
         _require(args.input, "--input", folder=True)
         _require(args.synsets, "--synsets")
         _require(args.lemmas, "--lemmas")
-        source = sources.ImageNetSource(args.input, sources.load_synsets(args.synsets, args.lemmas),
+        root = sources.imagenet_root(args.input, args.split)
+        source = sources.ImageNetSource(root, sources.load_synsets(args.synsets, args.lemmas),
                                         args.synsets, args.lemmas)
         if not source.items():
-            raise InputError(f"--input {args.input}: no images in its synset folders ({args.input}/nXXXXXXXX/*.JPEG)")
+            raise InputError(f"--input {args.input}: no images (expected nXXXXXXXX/*.JPEG folders, nXXXXXXXX.tar "
+                             "per-synset tars as winter21_whole.tar.gz holds them, or ImageNet-21K-P's "
+                             "imagenet21k_train/ and imagenet21k_val/)")
         return source
     if args.command == "sft":
         _require(args.input, "--input")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,8 @@ class ListSource:
 
 
 class ImageNetSource(ListSource):
-    """`nXXXXXXXX/*.JPEG` folders; each image's document is its class name (the synset's first lemma)."""
+    """ImageNet's synset folders and/or per-synset tars; each image's document is its class name
+    (the synset's first lemma). See `imagenet_tree` for the layouts read."""
 
     kind = "imagenet"
 
@@ -58,30 +60,100 @@ class ImageNetSource(ListSource):
         self.root, self.names = os.path.abspath(root), names
         self.input = self.root
         self.synsets_file, self.lemmas_file = synsets_file, lemmas_file
-        self._items: list[tuple[str, str]] | None = None
+        self._items: list[tuple] | None = None
 
-    def items(self) -> list[tuple[str, str]]:
+    def items(self) -> list[tuple]:
+        """(wnid, image name, None) for a file in a synset folder, (wnid, member name, (offset,
+        size)) for a member of `wnid.tar`: read in place, never extracted."""
         if self._items is None:
-            self._items = []
-            for folder in sorted(e.name for e in os.scandir(self.root) if e.is_dir()):
-                files = sorted(e.name for e in os.scandir(os.path.join(self.root, folder))
-                               if e.is_file() and e.name.rpartition(".")[2].lower() in IMAGE_EXTS)
-                self._items.extend((folder, f) for f in files)
+            self._items = [item for wnid, tar in imagenet_tree(self.root)
+                           for item in (_tar_images(self.root, wnid) if tar else _folder_images(self.root, wnid))]
         return self._items
 
     def spec(self) -> dict:
+        listing = "\n".join(f"{w}/{n}" if at is None else f"{w}.tar/{n}@{at[0]}+{at[1]}" for w, n, at in self.items())
         return {"kind": self.kind, "input": self.input, "synsets": os.path.abspath(self.synsets_file),
                 "lemmas": self.lemmas_file and os.path.abspath(self.lemmas_file),
                 "classes": len(self.names), "images": len(self.items()),
-                "listing_sha256": hashlib.sha256("\n".join(f"{w}/{n}" for w, n in self.items()).encode()).hexdigest()}
+                "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
-    def read(self, items: list[tuple[str, str]]) -> Iterator[Record]:
-        for wnid, name in items:
-            key = f"{wnid}/{name}"
+    def read(self, items: list[tuple]) -> Iterator[Record]:
+        for wnid, name, at in items:
+            key = f"{wnid}/{name}" if at is None else f"{wnid}.tar:{name}"
             if wnid not in self.names:
-                yield Record(key, error=("unknown_synset", f"folder {wnid} is not in {self.synsets_file}"))
-            else:
+                yield Record(key, error=("unknown_synset", f"synset {wnid} is not in {self.synsets_file}"))
+            elif at is None:
                 yield Record(key, image=os.path.join(self.root, wnid, name), text=self.names[wnid])
+            else:
+                with open(os.path.join(self.root, f"{wnid}.tar"), "rb") as f:
+                    f.seek(at[0])
+                    yield Record(key, image=f.read(at[1]), text=self.names[wnid])
+
+
+# ImageNet-21K-P (Alibaba-MIIL's processed ImageNet-21K): a root holding these two folders.
+IMAGENET21K_P_SPLITS = {"train": "imagenet21k_train", "val": "imagenet21k_val"}
+_COMPRESSED = (".tar.gz", ".tgz", ".tar.zst", ".zip")
+
+
+def imagenet_root(path: str, split: str) -> str:
+    """The folder of synsets under --input: itself, or ImageNet-21K-P's `imagenet21k_<split>`."""
+    if not any(_is_wnid(n.partition(".")[0]) for n in os.listdir(path)):
+        p_split = os.path.join(path, IMAGENET21K_P_SPLITS.get(split, f"imagenet21k_{split}"))
+        if os.path.isdir(p_split):
+            return p_split
+    return path
+
+
+def imagenet_tree(root: str) -> list[tuple[str, bool]]:
+    """(wnid, is a tar) per synset of `root`, sorted: `nXXXXXXXX/` folders of images and
+    `nXXXXXXXX.tar` archives (winter21_whole.tar.gz holds one per synset), mixed freely. A synset
+    present as both, or a compressed archive, is an error: nothing is dropped silently."""
+    synsets: dict[str, bool] = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir():
+            wnid, tar = entry.name, False
+        elif entry.name.endswith(_COMPRESSED):
+            raise InputError(f"{entry.path}: a compressed archive; unpack it once (tar xf {entry.name}) and pass the "
+                             "folder of synset folders or nXXXXXXXX.tar files it holds (those are read unextracted)")
+        elif entry.name.endswith(".tar") and entry.is_file():
+            wnid, tar = entry.name[:-4], True
+        else:
+            continue  # synset lists, READMEs
+        if wnid in synsets:
+            raise InputError(f"{root}: synset {wnid} is both a folder and {wnid}.tar (half extracted?); "
+                             "keep one of them (tars are read without extracting)")
+        synsets[wnid] = tar
+    return sorted(synsets.items())
+
+
+def _is_wnid(name: str) -> bool:
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+
+
+def _folder_images(root: str, wnid: str) -> list[tuple]:
+    return [(wnid, name, None) for name in sorted(e.name for e in os.scandir(os.path.join(root, wnid))
+                                                  if e.is_file() and _is_image(e.name))]
+
+
+def _tar_images(root: str, wnid: str) -> list[tuple]:
+    """The image members of `wnid.tar` with where their bytes are (headers only are read)."""
+    path = os.path.join(root, f"{wnid}.tar")
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = [m for m in tar if m.isfile() and _is_image(m.name)]
+            tar.fileobj.seek(tar.offset)  # where tarfile stopped: the end-of-archive zero blocks
+            end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+    except (tarfile.TarError, EOFError) as e:
+        raise InputError(f"{path}: not a readable tar ({e}); download or copy it again") from e
+    # tarfile stops silently at a header cut short or missing: every member after it would be lost.
+    if end != bytes(2 * tarfile.BLOCKSIZE):
+        raise InputError(f"{path}: no end-of-archive marker at byte {tar.offset} of {os.path.getsize(path)} "
+                         "(truncated or damaged); download or copy it again")
+    return sorted((wnid, m.name, (m.offset_data, m.size)) for m in members)
+
+
+def _is_image(name: str) -> bool:
+    return name.rpartition(".")[2].lower() in IMAGE_EXTS
 
 
 class ConversationSource(ListSource):
@@ -167,7 +239,10 @@ def _count(args: tuple[str, str]) -> int:
 
 def load_synsets(synsets_file: str, lemmas_file: str | None) -> dict[str, str]:
     """wnid -> class name (first lemma, '_' as space) from LOC_synset_mapping.txt-style lines
-    ("n01440764 tench, Tinca tinca") or from ImageNet-21K's wnids.txt + lemmas.txt pair."""
+    ("n01440764 tench, Tinca tinca"), from ImageNet-21K's wnids.txt + lemmas.txt pair, or from
+    ImageNet-21K-P's `imagenet21k_miil_tree.pth`."""
+    if synsets_file.endswith(".pth"):
+        return _class_names(load_miil_tree(synsets_file), synsets_file)
     lines = _read_lines(synsets_file)
     names: dict[str, str] = {}
     if lemmas_file is not None:
@@ -178,7 +253,7 @@ def load_synsets(synsets_file: str, lemmas_file: str | None) -> dict[str, str]:
     else:
         pairs = [(n, *(line.strip().split(None, 1) + [""])[:2]) for n, line in lines]
     for n, wnid, lemma in pairs:
-        name = lemma.split(",")[0].strip().replace("_", " ")
+        name = _first_lemma(lemma)
         if not wnid or " " in wnid or not name:
             raise InputError(f"{lemmas_file or synsets_file}:{n}: expected '<wnid> <name>[, <synonym>...]'"
                              f" (or one wnid per line with --lemmas), got {lemma or wnid!r}")
@@ -186,6 +261,43 @@ def load_synsets(synsets_file: str, lemmas_file: str | None) -> dict[str, str]:
     if not names:
         raise InputError(f"{synsets_file}: no synsets")
     return names
+
+
+def _first_lemma(lemmas: str) -> str:
+    return lemmas.split(",")[0].strip().replace("_", " ")
+
+
+def load_miil_tree(path: str) -> dict:
+    """ImageNet-21K-P's semantic tree (a `torch.save`d dict: `class_list` the wnids as a numpy
+    array, `class_description` wnid -> lemma, `class_tree_list` and `child_2_parent` the
+    hierarchy), read by torch's weights-only unpickler: only these numpy array and scalar
+    constructors are allowed, no pickled code runs."""
+    import numpy as np
+    import torch
+
+    core = np._core.multiarray
+    allowed = [core._reconstruct, (core._reconstruct, "numpy.core.multiarray._reconstruct"), core.scalar,
+               (core.scalar, "numpy.core.multiarray.scalar"), np.ndarray, np.dtype, np.dtypes.StrDType,
+               np.dtypes.BytesDType, np.dtypes.Int64DType, np.dtypes.Int32DType, np.dtypes.ObjectDType]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            tree = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        raise InputError(f"{path}: not a readable ImageNet-21K-P tree ({str(e).splitlines()[-1][:300]})") from e
+    if not isinstance(tree, dict) or not isinstance(tree.get("class_description"), dict):
+        raise InputError(f"{path}: expected a dict with 'class_list' and 'class_description' "
+                         f"(imagenet21k_miil_tree.pth), got {type(tree).__name__}")
+    return tree
+
+
+def _class_names(tree: dict, path: str) -> dict[str, str]:
+    descriptions = tree["class_description"]
+    wnids = [str(w) for w in tree.get("class_list", descriptions)]
+    missing = [w for w in wnids if not isinstance(descriptions.get(w), str) or not _first_lemma(descriptions[w])]
+    if missing or not wnids:
+        raise InputError(f"{path}: {len(missing)} classes without a class_description (first: {missing[:3]})"
+                         if missing else f"{path}: no classes")
+    return {w: _first_lemma(descriptions[w]) for w in wnids}
 
 
 def _read_lines(path: str) -> list[tuple[int, str]]:
