@@ -7,11 +7,17 @@ import logging
 import tarfile
 
 import numpy as np
+import pytest
 
 from solo.data.shards import read_folder_manifest
-from tests.test_preprocess import OPTS, PATCH, SIDE, add_members, cli, documents_of, photo, tok  # noqa: F401
+from solo.tokenizer import SOLOTokenizer
+from solo.vision import encode_image
+from tests.test_preprocess import OPTS, PATCH, SIDE, add_members, cli, documents_of, photo
 
-from solo.vision import encode_image  # isort: skip
+
+@pytest.fixture(scope="module")
+def tok():
+    return SOLOTokenizer.default()
 
 
 def captions_of(tokenizer, folder):
