@@ -3,6 +3,7 @@ TarWriter, Megatron-LM's and timm's webdataset shards, megatron-energon's prepar
 ImageNet-21K's per-synset tars and ImageNet-21K-P's tree, LLaVA conversation JSON and JSON Lines.
 Each goes through the CLI unchanged; the decoded shard text and images are compared with the inputs."""
 
+import json
 import logging
 import tarfile
 
@@ -175,3 +176,112 @@ def test_imagenet21k_p_root_and_its_miil_tree(tok, tmp_path, capsys):
     assert cli("imagenet", "--input", root, "--synsets", tmp_path / "evil.pth", "--output", tmp_path / "e", *OPTS) == 2
     assert f"{tmp_path}/evil.pth: not a readable ImageNet-21K-P tree" in capsys.readouterr().err
     assert not marker.exists()
+
+
+# -- webdataset layouts ------------------------------------------------------------------------
+
+CAPTIONED = [("astronaut.png", "An astronaut in a white suit."), ("chelsea.png", "A tabby cat."),
+             ("coffee.png", "A cup of coffee."), ("horse.png", "A horse on a lawn.")]
+
+
+def llava_conversation(caption):
+    """LLaVA-Pretrain's record: an instruction with <image> (written by the converter) and the caption."""
+    return [{"from": "human", "value": "Give a brief description of the image.\n<image>"},
+            {"from": "gpt", "value": caption}]
+
+
+def test_webdataset_layouts_are_recognized_and_tar_gz_read(tok, tmp_path):
+    """Written by webdataset's own TarWriter / ShardWriter (webdataset 1.0.2): img2dataset's jpg+txt,
+    energon's jpg+json caption, Megatron-LM examples/multimodal/convert_llava_pretrain_to_wds.py
+    (json = json.dumps(entry['conversations']).encode(), ShardWriter 'pretrain-%d.tar'), and an
+    ImageNet-style jpg+cls+json whose json carries the class_name; the first one again gzipped."""
+    import gzip
+
+    import webdataset as wds
+
+    images = {caption: photo(file, 128) for file, caption in CAPTIONED}
+    (a, ca), (b, cb), (c, cc), (d, cd) = [(images[cap], cap) for _, cap in CAPTIONED]
+    with wds.TarWriter(str(tmp_path / "txt.tar")) as w:
+        w.write({"__key__": "000000000", "jpg": a, "txt": ca})
+    with wds.TarWriter(str(tmp_path / "json.tar")) as w:
+        w.write({"__key__": "000000001", "jpg": b, "json": {"caption": cb, "width": 128}})
+    with wds.ShardWriter(str(tmp_path / "pretrain-%d.tar"), maxcount=10000) as w:
+        w.write({"__key__": "GCC_train_000", "jpg": c, "json": json.dumps(llava_conversation(cc)).encode("utf-8")})
+    with wds.TarWriter(str(tmp_path / "cls.tar")) as w:
+        w.write({"__key__": "n01484850_1", "jpg": d, "cls": 3, "json": {"filename": "n01484850_1.JPEG", "label": 3,
+                                                                         "class_name": cd}})
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "txt.tar.gz").write_bytes(gzip.compress((tmp_path / "txt.tar").read_bytes()))
+    out = tmp_path / "out"
+    assert cli("captions", "--input", f"{tmp_path}/*.tar", tmp_path / "gz", "--output", out, *OPTS) == 0
+    got = captions_of(tok, out)
+    assert sorted(got) == sorted(images) and read_folder_manifest(out)["totals"]["documents"] == 5
+    for caption, patches in got.items():
+        same_image(patches[0], images[caption])
+    # The same conversation shards through sft: the whole conversation, the gpt turn learned.
+    assert cli("sft", "--input", tmp_path / "pretrain-0.tar", "--output", tmp_path / "sft", *OPTS) == 0
+    [(tokens, loss, patches)] = documents_of(tmp_path / "sft")
+    assert tok.decode(tokens[loss == 1]) == cc and "Give a brief description" in tok.decode(tokens)
+    same_image(patches[0], c)
+
+
+def test_explicit_fields_and_a_cut_tar_gz(tok, tmp_path, capsys):
+    import gzip
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "odd.tar")) as w:
+        for k, (file, caption) in enumerate(CAPTIONED):
+            w.write({"__key__": f"{k:04d}", "png": photo(file, 96, "PNG"), "json": {"alt": caption}})
+    out = tmp_path / "out"
+    assert cli("captions", "--input", tmp_path / "odd.tar", "--output", tmp_path / "auto", *OPTS) == 2
+    assert "missing_text 4" in capsys.readouterr().err  # no caption key the detection knows
+    assert cli("captions", "--input", tmp_path / "odd.tar", "--fields", "image=jpg|png,text=json:alt",
+               "--output", out, *OPTS) == 0
+    assert sorted(captions_of(tok, out)) == sorted(c for _, c in CAPTIONED)
+    assert cli("captions", "--input", tmp_path / "odd.tar", "--fields", "picture=png", "--output", out, *OPTS) == 2
+    assert "--fields 'picture=png': expected ROLE=EXT" in capsys.readouterr().err
+    data = gzip.compress((tmp_path / "odd.tar").read_bytes())
+    (tmp_path / "cut.tar.gz").write_bytes(data[:len(data) // 2])
+    assert cli("captions", "--input", tmp_path / "cut.tar.gz", "--output", tmp_path / "cut", *OPTS) == 2
+    assert "corrupt_gzip 1" in capsys.readouterr().err
+
+
+def energon_prepare(folder, *args):
+    """`energon prepare` (megatron-energon 7.4), non-interactive, in this process."""
+    from click.testing import CliRunner
+    from megatron.energon.tools.prepare import command
+
+    result = CliRunner().invoke(command, [str(folder), "--non-interactive", "--no-progress", "--num-workers", "1",
+                                          *args])
+    assert result.exit_code == 0, result.output[-2000:]
+
+
+def test_energon_folders_honour_split_yaml_and_the_field_map(tok, tmp_path):
+    import webdataset as wds
+
+    root = tmp_path / "energon"
+    root.mkdir()
+    by_split = {}
+    for part, split in enumerate(("train", "val", "test")):
+        with wds.TarWriter(str(root / f"part-{part:06d}.tar")) as w:
+            for k, (file, caption) in enumerate(CAPTIONED[part:part + 2]):
+                text = f"{caption} ({split})"
+                w.write({"__key__": f"{part}{k:05d}", "png": photo(file, 96, "PNG"),
+                         "json": {"alt_text": text, "question": f"What is in the {split} image?", "answer": text}})
+                by_split.setdefault(split, []).append(text)
+    energon_prepare(root, "--split-parts", "train:part-000000.tar", "--split-parts", "val:part-000001.tar",
+                    "--split-parts", "test:part-000002.tar", "--sample-type", "CaptioningSample",
+                    "--field-map", json.dumps({"image": "png", "caption": "json[alt_text]"}))
+    for split in ("train", "val", "test"):
+        out = tmp_path / split
+        assert cli("captions", "--input", root, "--split", split, "--output", out, *OPTS) == 0
+        assert sorted(captions_of(tok, out)) == sorted(by_split[split])  # never another split's tars
+    # A VQA field map (dataset.yaml as energon prepare writes it): question and answer as a conversation.
+    (root / ".nv-meta" / "dataset.yaml").write_text(
+        "sample_type:\n  __module__: megatron.energon\n  __class__: VQASample\nfield_map:\n  image: png\n"
+        "  context: json[question]\n  answers: json[answer]\n")
+    assert cli("sft", "--input", root, "--split", "val", "--output", tmp_path / "vqa", *OPTS) == 0
+    docs = documents_of(tmp_path / "vqa")
+    assert sorted(tok.decode(t[loss == 1]) for t, loss, _ in docs) == sorted(by_split["val"])
+    assert all("What is in the val image?" in tok.decode(t) for t, _, _ in docs)

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from solo.preprocess.formats import STREAM_SUFFIXES, InputError, stream_format
+from solo.preprocess.formats import STREAM_SUFFIXES, TAR_SUFFIXES, InputError, parse_fields, stream_format
 
 # Records per shard: enough tokens per shard that the last, partly filled sample costs < 1% at
 # seq_length 32768 (e.g. 8192 ImageNet images of ~300 tokens = 75 samples), few enough that a
@@ -39,13 +39,24 @@ SCHEMAS = {
                 "The document's text is the synset's first lemma, '_' as a space.",
     "captions": "JSONL lines: {\"image\": path relative to the file | \"image_base64\": ...,\n"
                 "\"caption\" (or txt/text)}.\n"
-                "Parquet: an image column (image as {bytes, path} | jpg | png | ...) and caption/txt/text.",
+                "Parquet: an image column (image as {bytes, path} | jpg | png | ...) and caption/txt/text.\n"
+                "Webdataset .tar / .tar.gz: KEY.jpg with KEY.txt, KEY.json {\"caption\"}, KEY.json holding a\n"
+                "LLaVA-Pretrain conversation (the gpt turn is the caption), or KEY.cls + KEY.json {\"class_name\"}\n"
+                "(timm); any other layout with --fields image=jpg,text=json:caption.\n"
+                "img2dataset output folders as they are ('dir/*' or dir): the metadata .parquet and\n"
+                "*_stats.json beside each tar are not records (their counts go to the manifest).\n"
+                "energon folders (.nv-meta/): the tars of --split, read with dataset.yaml's field_map.",
     "html": "JSONL lines: {\"image\": path | \"image_base64\": ..., \"html\" (or text)}.\n"
             "Parquet (e.g. WebSight): an image column and html/text. HTML too long for --seq-length is cut.",
+    "sft": "JSON (a list) or JSON Lines (one a line) of LLaVA records {\"id\", \"image\": path | [paths],\n"
+           "\"conversations\": [{\"from\": human|gpt|system, \"value\"}, ...]}, paths relative to --images.\n"
+           "Webdataset tars/folders: KEY.jpg + KEY.json holding the conversation (Megatron-LM's\n"
+           "convert_llava_pretrain_to_wds.py), or an energon VQA folder (context, answers).",
     "text": "JSONL lines / Parquet rows with a \"text\" field (SlimPajama). Documents longer than\n"
             "--seq-length are cut into pieces of at most --seq-length tokens.",
 }
-STREAM_KINDS = {"captions": STREAM_SUFFIXES, "html": STREAM_SUFFIXES, "text": (".jsonl", ".jsonl.zst", ".parquet")}
+STREAM_KINDS = {"captions": STREAM_SUFFIXES, "html": STREAM_SUFFIXES, "text": (".jsonl", ".jsonl.zst", ".parquet"),
+                "sft": TAR_SUFFIXES}
 
 
 def usable_cpus() -> int:
@@ -90,31 +101,68 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--input", required=True, nargs="+", metavar="PATTERN",
                        help="files, folders or glob patterns (quote them; ** recurses)")
-    p = sub.add_parser("sft", parents=[common], help="LLaVA-style conversation JSON")
-    p.add_argument("--input", required=True, help="JSON list of {id, image, conversations}")
-    p.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
+        _stream_options(p, kind)
+    p = sub.add_parser("sft", parents=[common], help="LLaVA-style conversations: JSON, JSON Lines, webdataset",
+                       description=SCHEMAS["sft"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, nargs="+", metavar="PATTERN",
+                   help="one .json / .jsonl file of {id, image, conversations}, or webdataset tars / folders")
+    p.add_argument("--images", default=None,
+                   help="folder the 'image' paths are relative to (default: the JSON file's folder)")
+    _stream_options(p, "sft")
     p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
     return parser
 
 
-def _expand(patterns: list[str], suffixes: tuple[str, ...]) -> list[str]:
-    files = []
+def _stream_options(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--split", default="train",
+                   help="the split of an energon folder's .nv-meta/split.yaml (train, val, test; default train)")
+    if kind != "text":
+        roles = {"captions": "image, text", "html": "image, text", "sft": "image, conversation | context, answers"}
+        p.add_argument("--fields", default=None, metavar="ROLE=EXT[:KEY],...",
+                       help=f"webdataset members by role ({roles[kind]}), e.g. image=jpg,text=json:caption; "
+                       "alternatives with '|' (default: the common layouts are recognized)")
+
+
+def _expand(patterns: list[str], suffixes: tuple[str, ...], split: str = "train") -> tuple[list[str], list[str]]:
+    """(input files, img2dataset stats files) of the patterns: files, folders (an energon folder:
+    its --split), globs. img2dataset's metadata Parquet and `*_stats.json` are set aside."""
+    from solo.preprocess.sources import energon_split, is_energon, is_img2dataset_sidecar
+
+    files, stats = [], []
     for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = [os.path.join(pattern, n) for n in os.listdir(pattern) if stream_format(n) in suffixes]
-            if not found:
+        if os.path.isdir(pattern) and is_energon(pattern):
+            found = energon_split(pattern, split)
+        elif os.path.isdir(pattern):
+            found = [os.path.join(pattern, n) for n in os.listdir(pattern)
+                     if stream_format(n) in suffixes or n.endswith("_stats.json")]
+            if not any(stream_format(f) in suffixes and not is_img2dataset_sidecar(f) for f in found):
                 raise InputError(f"--input {pattern}: folder holds no {', '.join(suffixes)} files")
         else:
             found = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
             if not found:
                 raise InputError(f"--input {pattern}: no files match")
         for f in found:
-            if stream_format(f) not in suffixes:
+            if is_img2dataset_sidecar(f):
+                stats.extend([f] if f.endswith("_stats.json") else [])
+            elif stream_format(f) not in suffixes:
                 raise InputError(f"--input {f}: unsupported file type (expected {', '.join(suffixes)})")
-        files.extend(found)
-    return sorted(set(files))
+            else:
+                files.append(f)
+    return sorted(set(files)), sorted(set(stats))
+
+
+def _fields(args):
+    """--fields, else the field map of the energon folders among the inputs, else None (detected)."""
+    from solo.preprocess.sources import energon_fields, is_energon
+
+    if getattr(args, "fields", None):
+        return parse_fields(args.command, args.fields)
+    maps = [energon_fields(p, args.command) for p in args.input if os.path.isdir(p) and is_energon(p)]
+    if any(m != maps[0] for m in maps):
+        raise InputError("--input: energon folders with different field maps; preprocess them one at a time")
+    return maps[0] if maps else None
 
 
 def _require(path: str | None, what: str, folder: bool = False) -> None:
@@ -137,11 +185,27 @@ def build_source(args):
                              "per-synset tars as winter21_whole.tar.gz holds them, or ImageNet-21K-P's "
                              "imagenet21k_train/ and imagenet21k_val/)")
         return source
-    if args.command == "sft":
-        _require(args.input, "--input")
-        _require(args.images, "--images", folder=True)
-        return sources.ConversationSource(args.input, args.images, sources.load_conversations(args.input))
-    return sources.StreamSource(args.command, args.input, _expand(args.input, STREAM_KINDS[args.command]))
+    if args.command == "sft" and _conversation_file(args.input):
+        [path] = args.input
+        images = args.images or os.path.dirname(os.path.abspath(path))
+        _require(path, "--input")
+        _require(images, "--images", folder=True)
+        return sources.ConversationSource(path, images, sources.load_conversations(path))
+    files, stats = _expand(args.input, STREAM_KINDS[args.command], args.split)
+    if not files:
+        raise InputError(f"--input {' '.join(args.input)}: no input files")
+    upstream = sources.img2dataset_totals(stats)
+    if upstream:
+        logging.getLogger("solo.preprocess").info(
+            "img2dataset: %(successes)d of %(count)d URLs downloaded (failed to download %(failed_to_download)d, "
+            "to resize %(failed_to_resize)d); the failures never reached the tars", upstream)
+    return sources.StreamSource(args.command, args.input, files, _fields(args), upstream)
+
+
+def _conversation_file(inputs: list[str]) -> bool:
+    """sft's --input is one JSON / JSON Lines file, unless it names webdataset tars or folders."""
+    return len(inputs) == 1 and not (os.path.isdir(inputs[0]) or glob.has_magic(inputs[0])
+                                     or stream_format(inputs[0]) in TAR_SUFFIXES)
 
 
 def _check_options(args) -> None:

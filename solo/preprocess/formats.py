@@ -25,7 +25,13 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TEXT_FIELDS = {"captions": ("caption", "txt", "text"), "html": ("html", "text"), "text": ("text",)}
 # Parquet image columns: HF datasets' Image feature (`image`: {bytes, path}), img2dataset (`jpg`).
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
-STREAM_SUFFIXES = (".tar", ".jsonl", ".jsonl.zst", ".parquet")
+STREAM_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".jsonl", ".jsonl.zst", ".parquet")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Webdataset members by role: role -> alternatives (member extension, JSON key or None), tried in
+# order. Set by --fields or by an energon dataset's .nv-meta/dataset.yaml field_map.
+FieldMap = dict[str, list[tuple[str, str | None]]]
+ROLES_BY_KIND = {"captions": ("image", "text"), "html": ("image", "text"), "text": ("text",),
+                 "sft": ("image", "conversation", "context", "answers")}
 
 
 class InputError(ValueError):
@@ -45,6 +51,18 @@ def stream_format(path: str) -> str | None:
     return next((s for s in STREAM_SUFFIXES if path.endswith(s)), None)
 
 
+def parse_fields(kind: str, spec: str, what: str = "--fields") -> FieldMap:
+    """`image=jpg,text=json:caption` (alternatives with '|': `image=jpg|png`) -> FieldMap."""
+    fields: FieldMap = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        role, eq, value = item.partition("=")
+        if not eq or role not in ROLES_BY_KIND[kind] or not value:
+            raise InputError(f"{what} {spec!r}: expected ROLE=EXT[:JSON_KEY][|EXT...] with ROLE one of "
+                             f"{', '.join(ROLES_BY_KIND[kind])}, got {item!r}")
+        fields[role] = [(ext.lower(), key or None) for ext, _, key in (alt.partition(":") for alt in value.split("|"))]
+    return fields
+
+
 def count_records(kind: str, path: str) -> int:
     fmt = stream_format(path)
     if fmt == ".parquet":
@@ -52,13 +70,15 @@ def count_records(kind: str, path: str) -> int:
     return sum(1 for _ in _stream(kind, path, None, path))
 
 
-def read_records(kind: str, path: str, start: int, stop: int | None, label: str | None = None) -> Iterator[Record]:
-    """Records start..stop-1 of `path` (stop None: to the end), keyed `label:record` (label: `path`)."""
+def read_records(kind: str, path: str, start: int, stop: int | None, label: str | None = None,
+                 fields: FieldMap | None = None) -> Iterator[Record]:
+    """Records start..stop-1 of `path` (stop None: to the end), keyed `label:record` (label: `path`);
+    `fields` maps a webdataset's members to roles (None: the common layouts are recognized)."""
     label = path if label is None else label
     if stream_format(path) == ".parquet":
         yield from _parquet_records(kind, path, start, stop, label)
         return
-    records = _stream(kind, path, start, label)
+    records = _stream(kind, path, start, label, fields)
     for i, record in enumerate(records):
         if stop is not None and i >= stop:
             break
@@ -66,12 +86,14 @@ def read_records(kind: str, path: str, start: int, stop: int | None, label: str 
             yield record
 
 
-def _stream(kind: str, path: str, first: int | None, label: str) -> Iterator[Record]:
+def _stream(kind: str, path: str, first: int | None, label: str, fields: FieldMap | None = None) -> Iterator[Record]:
     """Every record of a tar or JSONL file; payloads are read from record `first` on (None: never)."""
     from solo.preprocess.webdataset import tar_records  # here: webdataset.py imports Record from this module
 
-    reader = tar_records if stream_format(path) == ".tar" else _jsonl_records
-    return reader(kind, path, float("inf") if first is None else first, label)
+    first_payload = float("inf") if first is None else first
+    if stream_format(path) in TAR_SUFFIXES:
+        return tar_records(kind, path, first_payload, label, fields)
+    return _jsonl_records(kind, path, first_payload, label)
 
 
 # -- JSONL / .jsonl.zst ------------------------------------------------------------------------

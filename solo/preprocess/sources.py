@@ -25,7 +25,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from solo.preprocess.formats import IMAGE_EXTS, InputError, Record, count_records, read_records
+from solo.preprocess.formats import (
+    IMAGE_EXTS,
+    TAR_SUFFIXES,
+    FieldMap,
+    InputError,
+    Record,
+    count_records,
+    parse_fields,
+    read_records,
+)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -187,12 +196,16 @@ class ConversationSource(ListSource):
 
 
 class StreamSource:
-    """captions / html / text files read in order (webdataset tar, JSONL, .jsonl.zst, Parquet)."""
+    """captions / html / text files read in order (webdataset tar, JSONL, .jsonl.zst, Parquet);
+    `fields` maps webdataset members to roles, `upstream` is what img2dataset's `*_stats.json`
+    say about the records that never reached the files (failed downloads, for the manifest)."""
 
-    def __init__(self, kind: str, patterns: list[str], files: list[str]):
+    def __init__(self, kind: str, patterns: list[str], files: list[str], fields: FieldMap | None = None,
+                 upstream: dict | None = None):
         self.kind, self.files = kind, [os.path.abspath(f) for f in files]
         self.input = [os.path.abspath(p) for p in patterns]
         self.counts: list[int] | None = None
+        self.fields, self.upstream = fields, upstream
 
     def plan(self, shard_size: int, seed: int, map_fn: Callable = map) -> list[ShardTask]:
         if self.counts is None:
@@ -218,9 +231,14 @@ class StreamSource:
         return ShardTask(k, segments, records, {"records": records, "shuffled": False, "segments": described})
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "input": self.input,
+        spec = {"kind": self.kind, "input": self.input,
                 "files": [{"path": f, "bytes": os.path.getsize(f), "records": n}
                           for f, n in zip(self.files, self.counts or [None] * len(self.files))]}
+        if self.fields is not None:
+            spec["fields"] = {role: [list(alt) for alt in alts] for role, alts in self.fields.items()}
+        if self.upstream is not None:
+            spec["img2dataset"] = self.upstream
+        return spec
 
     def read(self, segments: list[tuple[int, int, int]]) -> Iterator[Record]:
         # Records are named by their file's path below the inputs' common folder: basenames repeat
@@ -228,7 +246,7 @@ class StreamSource:
         root = os.path.commonpath([os.path.dirname(f) for f in self.files])
         for file_index, start, stop in segments:
             path = self.files[file_index]
-            yield from read_records(self.kind, path, start, stop, os.path.relpath(path, root))
+            yield from read_records(self.kind, path, start, stop, os.path.relpath(path, root), self.fields)
 
 
 def _count(args: tuple[str, str]) -> int:
@@ -316,3 +334,108 @@ def load_conversations(json_file: str) -> list:
     if not isinstance(records, list):
         raise InputError(f"{json_file}: expected a JSON list of conversations, got a {type(records).__name__}")
     return records
+
+
+# -- megatron-energon prepared folders and img2dataset output folders ---------------------------
+
+ENERGON_META = ".nv-meta"
+# energon sample types -> the roles their field_map keys play here.
+ENERGON_ROLES = {"image": "image", "caption": "text", "context": "context", "answers": "answers",
+                 "text": "text", "conversation": "conversation"}
+
+
+def is_energon(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, ENERGON_META, "split.yaml"))
+
+
+def energon_split(folder: str, split: str) -> list[str]:
+    """The tars of `split` in an `energon prepare`d folder: `.nv-meta/split.yaml`'s split_parts
+    (brace patterns, relative to the folder; braceexpand, as energon expands them), less `exclude`."""
+    import braceexpand
+
+    meta = _yaml(os.path.join(folder, ENERGON_META, "split.yaml"))
+    parts = meta.get("split_parts") if isinstance(meta, dict) else None
+    if not isinstance(parts, dict) or split not in parts:
+        raise InputError(f"{folder}/{ENERGON_META}/split.yaml: no split {split!r} in its split_parts "
+                         f"({', '.join(parts) if isinstance(parts, dict) else 'none'}); choose one with --split")
+    excluded = {n for pattern in meta.get("exclude") or [] for n in braceexpand.braceexpand(pattern)}
+    names = [n for pattern in parts[split] or [] for n in braceexpand.braceexpand(pattern) if n not in excluded]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise InputError(f"{folder}/{ENERGON_META}/split.yaml: split {split!r} names {missing[0]}, which does not "
+                         f"exist ({len(missing)} missing)")
+    return [os.path.join(folder, n) for n in names]
+
+
+def energon_fields(folder: str, kind: str) -> FieldMap | None:
+    """The roles of `.nv-meta/dataset.yaml`'s field_map (`image: jpg`, `caption: json[caption]`,
+    alternatives `jpg,png`); None when the folder has no dataset.yaml or maps no fields."""
+    path = os.path.join(folder, ENERGON_META, "dataset.yaml")
+    if not os.path.isfile(path):
+        return None
+    meta = _yaml(path)
+    if isinstance(meta, dict) and "sample_loader" in meta and "field_map" not in meta:
+        raise InputError(f"{path}: the dataset is read by a sample_loader (Python code, not run here); "
+                         "name its members with --fields")
+    field_map = meta.get("field_map") if isinstance(meta, dict) else None
+    if not field_map:
+        return None
+    spec = []
+    for name, value in field_map.items():
+        role = ENERGON_ROLES.get(name)
+        if role is None or not isinstance(value, str):
+            continue  # fields SOLO does not train on (answer_weights, metadata)
+        alternatives = [alt.strip().replace("[", ":").rstrip("]") for alt in value.split(",")]
+        spec.append(f"{role}={'|'.join(alternatives)}")
+    return parse_fields(kind, ",".join(spec), what=f"{path}: field_map") if spec else None
+
+
+def _yaml(path: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: not a readable YAML file ({e})") from e
+
+
+IMG2DATASET_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
+
+
+def is_img2dataset_sidecar(path: str) -> bool:
+    """img2dataset writes beside each shard `NNNNN_stats.json` and, for the tar output format,
+    `NNNNN.parquet` with one row of metadata per URL (no image): neither holds records."""
+    if path.endswith("_stats.json"):
+        return True
+    if path.endswith(".parquet"):
+        stem = path[:-len(".parquet")]
+        return any(os.path.isfile(stem + s) for s in TAR_SUFFIXES) and _is_metadata_parquet(path)
+    return False
+
+
+def _is_metadata_parquet(path: str) -> bool:
+    import pyarrow.parquet as pq
+
+    from solo.preprocess.formats import IMAGE_COLUMNS
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception:  # noqa: BLE001 - a damaged file is read (and reported) as data
+        return False
+    return {"key", "status", "error_message"} <= set(names) and not set(IMAGE_COLUMNS) & set(names)
+
+
+def img2dataset_totals(stats_files: list[str]) -> dict | None:
+    """The sums of img2dataset's per-shard counts: the URLs it tried, downloaded, failed."""
+    if not stats_files:
+        return None
+    totals = dict.fromkeys(IMG2DATASET_COUNTS, 0)
+    for path in sorted(stats_files):
+        try:
+            stats = json.loads(Path(path).read_text(encoding="utf-8"))
+            for k in IMG2DATASET_COUNTS:
+                totals[k] += int(stats[k])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: not an img2dataset stats file ({e})") from e
+    totals["stats_files"] = len(stats_files)
+    return totals
