@@ -181,7 +181,7 @@ def test_imagenet21k_p_root_and_its_miil_tree(tok, tmp_path, capsys):
 # -- webdataset layouts ------------------------------------------------------------------------
 
 CAPTIONED = [("astronaut.png", "An astronaut in a white suit."), ("chelsea.png", "A tabby cat."),
-             ("coffee.png", "A cup of coffee."), ("horse.png", "A horse on a lawn.")]
+             ("coffee.png", "A cup of coffee."), ("rocket.jpg", "A rocket on its launch pad.")]
 
 
 def llava_conversation(caption):
@@ -285,3 +285,86 @@ def test_energon_folders_honour_split_yaml_and_the_field_map(tok, tmp_path):
     docs = documents_of(tmp_path / "vqa")
     assert sorted(tok.decode(t[loss == 1]) for t, loss, _ in docs) == sorted(by_split["val"])
     assert all("What is in the val image?" in tok.decode(t) for t, _, _ in docs)
+
+
+# -- img2dataset output folders, letterboxed images --------------------------------------------
+
+def letterbox(data, side=256):
+    """img2dataset's default resize_mode=border: the image fit into a side x side white square."""
+    import io
+
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    im.thumbnail((side, side))
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def img2dataset_folder(folder, shards):
+    """An img2dataset output folder (output_format=webdataset) as img2dataset/writer.py's
+    WebDatasetSampleWriter and logger.py's write_stats write it: per shard NNNNN.tar (webdataset
+    TarWriter on the open file: KEY.jpg, KEY.txt, KEY.json = json.dumps(meta, indent=4)),
+    NNNNN.parquet (one metadata row per URL, failed downloads included, no image) and
+    NNNNN_stats.json (json.dump(stats, f, indent=4))."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("key", pa.string()),
+                        ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int32()),
+                        ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32())])
+    for shard, rows in enumerate(shards):
+        metas = []
+        with open(folder / f"{shard:05d}.tar", "wb") as fd:
+            writer = wds.TarWriter(fd)
+            for k, (caption, image) in enumerate(rows):
+                key = f"{shard:05d}{k:04d}"
+                ok = image is not None
+                meta = {"url": f"https://example.com/{key}.jpg", "caption": caption, "key": key,
+                        "status": "success" if ok else "failed_to_download",
+                        "error_message": None if ok else "HTTP Error 404: Not Found",
+                        "width": 256 if ok else None, "height": 256 if ok else None,
+                        "original_width": 200 if ok else None, "original_height": 133 if ok else None}
+                if ok:
+                    writer.write({"__key__": key, "jpg": image, "txt": caption, "json": json.dumps(meta, indent=4)})
+                metas.append(meta)
+            writer.close()
+        pq.write_table(pa.Table.from_pylist(metas, schema), folder / f"{shard:05d}.parquet")
+        successes = sum(image is not None for _, image in rows)
+        stats = {"count": len(rows), "successes": successes, "failed_to_download": len(rows) - successes,
+                 "failed_to_resize": 0, "duration": 1.5, "status_dict": {"success": successes}}
+        with open(folder / f"{shard:05d}_stats.json", "w") as f:
+            json.dump(stats, f, indent=4)
+
+
+def test_img2dataset_folders_as_they_are_and_letterboxed_images(tok, tmp_path, capsys, caplog):
+    folder = tmp_path / "cc3m"
+    folder.mkdir()
+    images = {caption: photo(file, 200) for file, caption in CAPTIONED}
+    boxed = {caption: letterbox(data) for caption, data in list(images.items())[:3]}
+    natural = {CAPTIONED[3][1]: images[CAPTIONED[3][1]]}
+    inputs = {**boxed, **natural}
+    img2dataset_folder(folder, [list(boxed.items())[:2] + [("a lost image", None)],
+                                list(boxed.items())[2:] + list(natural.items())])
+    for n, given in enumerate((f"{folder}/*", folder)):
+        out = tmp_path / f"out{n}"
+        with caplog.at_level(logging.WARNING, logger="solo.preprocess"):
+            assert cli("captions", "--input", given, "--output", out, *OPTS) == 0
+        got = captions_of(tok, out)
+        assert sorted(got) == sorted(inputs)
+        for caption, patches in got.items():
+            same_image(patches[0], inputs[caption])
+        manifest = read_folder_manifest(out)
+        assert manifest["skipped"] == {} and manifest["totals"]["records"] == 4  # the failed URL is no record
+        assert manifest["spec"]["source"]["img2dataset"] == {
+            "count": 5, "successes": 4, "failed_to_download": 1, "failed_to_resize": 0, "stats_files": 2}
+        assert manifest["totals"]["padded_images"] == 3 and manifest["totals"]["images"] == 4
+    assert any("3 of 4 images (75%) are letterboxed or padded" in r.getMessage() and "keep_ratio_largest"
+               in r.getMessage() for r in caplog.records)
+    capsys.readouterr()
+    assert cli("stats", tmp_path / "out0") == 0
+    assert "padded images: 3 of 4 (75.0%" in capsys.readouterr().out

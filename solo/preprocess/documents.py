@@ -42,6 +42,10 @@ from solo.tokenizer import SOLOTokenizer
 from solo.vision import ImageLoadError, image_token_ids, load_image, patchify, resize_for_patches, target_size
 
 MAX_ASPECT_RATIO = 20  # panoramas and banners up to 20:1 pass; thinner strips are not pictures
+# Letterboxing (img2dataset's default resize_mode=border pads every image to a square): both
+# opposite borders, PAD_BORDER_SHARE of the side deep (at least 2 pixels), one colour within
+# PAD_TOLERANCE levels (JPEG noise).
+PAD_BORDER_SHARE, PAD_TOLERANCE = 0.02, 6
 IMAGE_MARKER = "<image>"
 
 
@@ -205,3 +209,36 @@ def _sft(record: Record, layout: Layout) -> Document:
         t.add(newline)
     t.add([tok.eos_id], loss=True)
     return _check_length(t.document(patches), layout)
+
+
+# -- letterboxed / padded images ---------------------------------------------------------------
+
+def padded_images(doc: Document, tokenizer: SOLOTokenizer, patch_size: int) -> int:
+    """How many of the document's images are letterboxed or padded (see `letterboxed`)."""
+    tokens = doc.tokens
+    starts = np.flatnonzero(tokens == tokenizer.vision_start_id)
+    count = 0
+    for patches, start in zip(doc.patches, starts, strict=False):
+        row = tokens[start + 1:start + 2 + len(patches)]
+        cols = int(np.argmax((row == tokenizer.row_sep_id) | (row == tokenizer.vision_end_id)))
+        count += letterboxed(patches, cols, patch_size)
+    return count
+
+
+def letterboxed(patches: np.ndarray, cols: int, patch_size: int) -> bool:
+    """Whether the image of these patches (row-major grid, `cols` wide) has uniform bands of one
+    colour on two opposite sides: top and bottom, or left and right. Only the border pixels are read."""
+    P = patch_size
+    grid = patches.reshape(-1, cols, 3, P, P)  # (rows, cols, channel, y, x)
+    rows = grid.shape[0]
+    depth_y = min(P, max(2, round(PAD_BORDER_SHARE * rows * P)))
+    depth_x = min(P, max(2, round(PAD_BORDER_SHARE * cols * P)))
+    top, bottom = grid[0, :, :, :depth_y, :], grid[-1, :, :, P - depth_y:, :]
+    left, right = grid[:, 0, :, :, :depth_x], grid[:, -1, :, :, P - depth_x:]
+    return (_same_colour(top, bottom) and rows > 1) or (_same_colour(left, right) and cols > 1)
+
+
+def _same_colour(a: np.ndarray, b: np.ndarray) -> bool:
+    # channel is axis 1 of both bands
+    both = np.concatenate([a.transpose(1, 0, 2, 3).reshape(3, -1), b.transpose(1, 0, 2, 3).reshape(3, -1)], axis=1)
+    return bool((both.max(axis=1).astype(int) - both.min(axis=1) <= 2 * PAD_TOLERANCE).all())

@@ -63,7 +63,7 @@ def complete_shards(out: Path, spec_sha: str) -> dict[int, dict]:
 
 def folder_manifest(out: Path, spec: dict, spec_sha: str, planned: int, done: dict[int, dict]) -> dict:
     keys = ("records", "documents", "sequences", "samples", "tokens", "text_tokens", "loss_tokens",
-            "vision_tokens", "images", "padding_tokens", "truncated")
+            "vision_tokens", "images", "padding_tokens", "truncated", "padded_images")
     totals = {k: sum(m["counts"].get(k, 0) for m in done.values()) for k in keys}
     capacity = totals["samples"] * spec["seq_length"]
     totals["fill"] = round(totals["tokens"] / capacity, 6) if capacity else 0.0

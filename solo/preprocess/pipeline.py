@@ -32,7 +32,7 @@ import numpy as np
 
 from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
 from solo.preprocess import __version__, output
-from solo.preprocess.documents import Document, Layout, Skip, build
+from solo.preprocess.documents import Document, Layout, Skip, build, padded_images
 from solo.preprocess.packing import pack
 from solo.preprocess.sources import ShardTask
 
@@ -128,6 +128,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
                 continue
             counts["documents"] += 1
             counts["truncated"] += any(p.truncated for p in pieces)
+            counts["padded"] += sum(padded_images(p, layout.tokenizer, layout.patch_size) for p in pieces)
             for piece in pieces:
                 docs.append((piece.tokens, piece.loss, [spill.add(p) for p in piece.patches]))
                 pending_tokens += len(piece.tokens)
@@ -153,7 +154,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
             "shards_planned": shards_planned, "source": {"kind": spec_kind, "input": source.input, **task.description},
             "spec_sha256": spec_sha, **asdict(options),
             "counts": {"records": counts["records"], "documents": counts["documents"],
-                       "truncated": counts["truncated"]},
+                       "truncated": counts["truncated"], "padded_images": counts["padded"]},
             "skipped": dict(sorted(skipped.items())),
         })
     except BaseException:
@@ -165,6 +166,18 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
     log.info("%s: %d records -> %d documents -> %d samples, fill %.2f%%, %d skipped",
              prefix.name, c["records"], c["documents"], c["samples"], 100 * c.get("fill", 0), sum(skipped.values()))
     return manifest
+
+
+PADDED_WARNING_SHARE = 0.2  # photo corpora have some images on plain backgrounds; not a fifth
+
+
+def warn_if_padded(totals: dict) -> None:
+    images, padded = totals.get("images", 0), totals.get("padded_images", 0)
+    if images and padded / images > PADDED_WARNING_SHARE:
+        log.warning("%d of %d images (%.0f%%) are letterboxed or padded (uniform bands on two opposite sides): "
+                    "SOLO trains on the image as it is, bands included. img2dataset pads with its default "
+                    "--resize_mode=border; download with --image_size=1024 --resize_mode=keep_ratio_largest "
+                    "--resize_only_if_bigger=True (README, data)", padded, images, 100 * padded / images)
 
 
 def skip_summary(skipped: dict[str, int]) -> str:
@@ -304,6 +317,7 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
         t = manifest["totals"]
         log.info("done: %d shards, %d documents -> %d samples, fill %.2f%%; %s",
                  len(done), t["documents"], t["samples"], 100 * t["fill"], skip_summary(manifest["skipped"]))
+        warn_if_padded(t)
         return manifest
     except BaseException:
         if pool is not None:

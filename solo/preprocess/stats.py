@@ -11,7 +11,7 @@ from solo.data.shards import ShardError, list_shards
 
 COLUMNS = (("documents", "documents"), ("sequences", "sequences"), ("samples", "samples"),
            ("text_tokens", "text tokens"), ("vision_tokens", "vision tokens"), ("images", "images"),
-           ("loss_tokens", "loss tokens"), ("truncated", "truncated"))
+           ("loss_tokens", "loss tokens"), ("truncated", "truncated"), ("padded_images", "padded images"))
 
 
 def _read(prefix: str) -> dict:
@@ -56,5 +56,8 @@ def report(folder: str | Path, per_shard: bool = False) -> tuple[str, int]:
     lines.insert(0, f"{folder}: {source}, seq_length {first.get('seq_length')}, patch {first.get('patch_size')}, "
                     f"max side {first.get('max_side')}, {len(manifests)} shards"
                     + (f" of {first['shards_planned']} planned" if "shards_planned" in first else ""))
+    if total["images"]:
+        lines.append(f"padded images: {total['padded_images']:,} of {total['images']:,} "
+                     f"({100 * total['padded_images'] / total['images']:.1f}%; uniform bands on two opposite sides)")
     lines.append("skipped: " + (", ".join(f"{r} {n:,}" for r, n in sorted(skipped.items())) or "none"))
     return "\n".join(lines), total["documents"]
