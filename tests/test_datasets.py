@@ -368,3 +368,85 @@ def test_img2dataset_folders_as_they_are_and_letterboxed_images(tok, tmp_path, c
     capsys.readouterr()
     assert cli("stats", tmp_path / "out0") == 0
     assert "padded images: 3 of 4 (75.0%" in capsys.readouterr().out
+
+
+# -- conversations -----------------------------------------------------------------------------
+
+def pieces(tok, tokens):
+    """The document as text pieces with 'IMG' where each image stands."""
+    out, start, inside = [], 0, False
+    for i, t in enumerate(tokens.tolist() + [-1]):
+        if not inside and t in (tok.vision_start_id, -1):
+            text = tok.decode(tokens[start:i]).strip()
+            out += [text] if text else []
+            if t == tok.vision_start_id:
+                out.append("IMG")
+                inside = True
+        elif inside and t == tok.vision_end_id:
+            start, inside = i + 1, False
+    return out
+
+
+def test_conversations_jsonl_interleaved_images_image_first_and_leading_answers(tok, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    data = {name: photo(file, 96) for name, file in (("a.jpg", "chelsea.png"), ("b.jpg", "rocket.jpg"))}
+    for name, d in data.items():
+        (images / name).write_bytes(d)
+    records = [
+        {"id": "late", "image": "a.jpg", "conversations": [
+            {"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A cat."}]},
+        {"id": "two", "image": ["a.jpg", "b.jpg"], "conversations": [
+            {"from": "human", "value": "Compare <image> with <image> please."},
+            {"from": "gpt", "value": "Cat, rocket."}]},
+        {"id": "cut", "conversations": [
+            {"from": "gpt", "value": "the end of an answer"}, {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"}]},
+        {"id": "odd", "image": ["a.jpg"], "conversations": [
+            {"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "?"}]},
+    ]
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "{not json\n")
+    by_answer = {}
+    for position in ("first", "as-is"):
+        out = tmp_path / position
+        assert cli("sft", "--input", tmp_path / "mix.jsonl", "--images", images, "--image-position", position,
+                   "--output", out, *OPTS) == 0
+        manifest = read_folder_manifest(out)
+        assert manifest["skipped"] == {"bad_conversation": 1, "bad_json": 1}
+        assert manifest["dropped"] == {"leading_assistant_turn": 1}
+        by_answer[position] = {tok.decode(t[loss == 1]): (pieces(tok, t), p)
+                               for t, loss, p in documents_of(out)}
+    first, as_is = by_answer["first"], by_answer["as-is"]
+    assert sorted(first) == ["A cat.", "Cat, rocket.", "Hello!"]
+    # One image: moved to the front of its turn as LLaVA does (the default), or left where it was.
+    assert first["A cat."][0][:2] == ["<|im_start|>user", "IMG"]
+    assert first["A cat."][0][2].startswith("What is this?<|im_end|>")
+    assert as_is["A cat."][0][:2] == ["<|im_start|>user\nWhat is this?", "IMG"]
+    assert as_is["A cat."][0][2].startswith("<|im_end|>")
+    # Several images: where their markers stand, in order, whatever the option.
+    for got in (first, as_is):
+        text, patches = got["Cat, rocket."]
+        assert text[:4] == ["<|im_start|>user\nCompare", "IMG", "with", "IMG"] and text[4].startswith("please.")
+        same_image(patches[0], data["a.jpg"])
+        same_image(patches[1], data["b.jpg"])
+    assert not any("the end of an answer" in piece for piece in first["Hello!"][0])
+
+
+def test_llava_pretrain_json_as_captions(tok, tmp_path):
+    """LLaVA-Pretrain's blip_laion_cc_sbu_558k.json layout: a JSON list, images below the file's folder."""
+    (tmp_path / "00000").mkdir()
+    records, expected = [], {}
+    for k, (file, caption) in enumerate(CAPTIONED[:3]):
+        path = f"00000/{k:09d}.jpg"
+        (tmp_path / path).write_bytes(photo(file, 96))
+        records.append({"id": f"{k:09d}", "image": path, "conversations": llava_conversation(caption)})
+        expected[caption] = (tmp_path / path).read_bytes()
+    (tmp_path / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
+    assert cli("captions", "--input", tmp_path / "blip_laion_cc_sbu_558k.json", "--output", out, *OPTS) == 0
+    got = captions_of(tok, out)
+    assert sorted(got) == sorted(expected)
+    for caption, patches in got.items():
+        same_image(patches[0], expected[caption])
+    for tokens, _, _ in documents_of(out):
+        assert "brief description" not in tok.decode(tokens) and "<image>" not in tok.decode(tokens)

@@ -43,6 +43,8 @@ SCHEMAS = {
                 "Webdataset .tar / .tar.gz: KEY.jpg with KEY.txt, KEY.json {\"caption\"}, KEY.json holding a\n"
                 "LLaVA-Pretrain conversation (the gpt turn is the caption), or KEY.cls + KEY.json {\"class_name\"}\n"
                 "(timm); any other layout with --fields image=jpg,text=json:caption.\n"
+                "JSON (a list): LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, the gpt turn as the caption (the\n"
+                "instruction and <image> dropped), image paths relative to the file; JSONL lines alike.\n"
                 "img2dataset output folders as they are ('dir/*' or dir): the metadata .parquet and\n"
                 "*_stats.json beside each tar are not records (their counts go to the manifest).\n"
                 "energon folders (.nv-meta/): the tars of --split, read with dataset.yaml's field_map.",
@@ -55,7 +57,8 @@ SCHEMAS = {
     "text": "JSONL lines / Parquet rows with a \"text\" field (SlimPajama). Documents longer than\n"
             "--seq-length are cut into pieces of at most --seq-length tokens.",
 }
-STREAM_KINDS = {"captions": STREAM_SUFFIXES, "html": STREAM_SUFFIXES, "text": (".jsonl", ".jsonl.zst", ".parquet"),
+STREAM_KINDS = {"captions": STREAM_SUFFIXES, "html": tuple(s for s in STREAM_SUFFIXES if s != ".json"),
+                "text": (".jsonl", ".jsonl.zst", ".parquet"),
                 "sft": TAR_SUFFIXES}
 
 
@@ -109,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None,
                    help="folder the 'image' paths are relative to (default: the JSON file's folder)")
     _stream_options(p, "sft")
+    p.add_argument("--image-position", choices=("first", "as-is"), default="first",
+                   help="a record's one <image>: moved to the front of its turn as LLaVA's training does and the "
+                   "SOLO processor places it (first, the default), or kept where the data put it (as-is); "
+                   "records with several images always keep theirs")
     p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
@@ -135,8 +142,10 @@ def _expand(patterns: list[str], suffixes: tuple[str, ...], split: str = "train"
         if os.path.isdir(pattern) and is_energon(pattern):
             found = energon_split(pattern, split)
         elif os.path.isdir(pattern):
+            # A folder's .json files are sidecars (img2dataset stats, timm's _info.json); a JSON list
+            # of records is named on its own.
             found = [os.path.join(pattern, n) for n in os.listdir(pattern)
-                     if stream_format(n) in suffixes or n.endswith("_stats.json")]
+                     if stream_format(n) in suffixes and stream_format(n) != ".json" or n.endswith("_stats.json")]
             if not any(stream_format(f) in suffixes and not is_img2dataset_sidecar(f) for f in found):
                 raise InputError(f"--input {pattern}: folder holds no {', '.join(suffixes)} files")
         else:
@@ -245,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = SOLOTokenizer(args.tokenizer) if args.tokenizer else SOLOTokenizer.default()
         options = Options(args.seq_length, args.patch_size, args.max_side, args.seed,
                           args.shard_size or DEFAULT_SHARD_SIZE[args.command])
-        layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side)
+        layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side,
+                        image_first=getattr(args, "image_position", "first") == "first")
         manifest = run(source, layout, options, Path(args.output), args.workers)
         if manifest["totals"]["documents"] == 0:
             raise UsageError(f"--output {args.output}: no documents from {manifest['totals']['records']:,} records "

@@ -61,6 +61,7 @@ class Document:
     loss: np.ndarray  # uint8 [n]
     patches: list[np.ndarray]  # uint8 (n_patches, 3P²) per image, in order
     truncated: bool = False
+    dropped: str | None = None  # the reason a part of the record was left out (counted per shard)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class Layout:
     seq_length: int
     patch_size: int
     max_side: int
+    # sft: a record's one <image> moved to the front of its turn, as LLaVA's preprocess_multimodal
+    # does and the SOLO processor places it at inference; records with several images keep theirs.
+    image_first: bool = True
 
 
 def build(kind: str, record: Record, layout: Layout) -> list[Document]:
@@ -168,39 +172,33 @@ def _text(record: Record, layout: Layout) -> list[Document]:
 
 
 def _sft(record: Record, layout: Layout) -> Document:
+    """A conversation with its images where their <image> markers stand (interleaved), as many as
+    the record has; markers missing altogether put the images at the start of the first user turn."""
     tok = layout.tokenizer
     turns = record.conversations or []
     if not all(isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) for t in turns):
         raise Skip("bad_conversation", f"turns must be {{'from': one of {sorted(ROLES)}, 'value': str}}")
-    values = [t["value"] for t in turns]
-    users = [i for i, t in enumerate(turns) if ROLES[t["from"]] == "user"]
-    markers = sum(values[i].count(IMAGE_MARKER) for i in users)
-    if record.image is not None:
-        if markers > 1:
-            raise Skip("bad_conversation", f"{markers} {IMAGE_MARKER} markers for one image")
-        if markers == 0:
-            if not users:
-                raise Skip("bad_conversation", "an image but no user turn to put it in")
-            values[users[0]] = f"{IMAGE_MARKER}\n{values[users[0]]}"  # LLaVA's default placement
-    elif markers:
-        raise Skip("bad_conversation", f"{IMAGE_MARKER} marker but the record has no image")
-    if not any(ROLES[t["from"]] == "assistant" and v for t, v in zip(turns, values)):
+    turns, dropped = _drop_leading_answers(turns)
+    images = record.image if isinstance(record.image, list) else [] if record.image is None else [record.image]
+    values = _place_images([t["value"] for t in turns], [ROLES[t["from"]] for t in turns], len(images),
+                           layout.image_first)
+    if not any(ROLES[t["from"]] == "assistant" and v for t, v in zip(turns, values, strict=True)):
         raise Skip("bad_conversation", "no assistant answer to learn")
     patches = []
     t = _Tokens()
     t.add([tok.bos_id])
     newline = tok.encode("\n")
-    for turn, value in zip(turns, values):
+    for turn, value in zip(turns, values, strict=True):
         role = ROLES[turn["from"]]
         t.add([tok.im_start_id])
         if role == "assistant":
             t.add(tok.encode("assistant\n"))
             t.add(tok.encode(value, prefix_space=False), loss=True)
         else:
-            before, marker, after = value.partition(IMAGE_MARKER) if role == "user" else (value, "", "")
-            t.add(tok.encode(f"{role}\n{before}"))
-            if marker:
-                image_ids, image_patches = _image(record.image, record.key, layout)
+            first, *rest = value.split(IMAGE_MARKER) if role == "user" else [value]
+            t.add(tok.encode(f"{role}\n{first}"))
+            for after in rest:  # an image, then the text up to the next one
+                image_ids, image_patches = _image(images[len(patches)], record.key, layout)
                 t.add(image_ids)
                 patches.append(image_patches)
                 if after:
@@ -208,7 +206,33 @@ def _sft(record: Record, layout: Layout) -> Document:
         t.add([tok.im_end_id])
         t.add(newline)
     t.add([tok.eos_id], loss=True)
-    return _check_length(t.document(patches), layout)
+    doc = _check_length(t.document(patches), layout)
+    doc.dropped = dropped
+    return doc
+
+
+def _drop_leading_answers(turns: list[dict]) -> tuple[list[dict], str | None]:
+    """Assistant turns before the first user turn answer nothing (cut conversations, ShareGPT
+    exports): dropped, and counted as `leading_assistant_turn`."""
+    first_user = next((i for i, t in enumerate(turns) if ROLES[t["from"]] == "user"), len(turns))
+    kept = [t for i, t in enumerate(turns) if i >= first_user or ROLES[t["from"]] != "assistant"]
+    return kept, ("leading_assistant_turn" if len(kept) < len(turns) else None)
+
+
+def _place_images(values: list[str], roles: list[str], n_images: int, image_first: bool) -> list[str]:
+    users = [i for i, r in enumerate(roles) if r == "user"]
+    markers = sum(values[i].count(IMAGE_MARKER) for i in users)
+    values = list(values)
+    if markers == 0 and n_images:
+        if not users:
+            raise Skip("bad_conversation", "an image but no user turn to put it in")
+        values[users[0]] = f"{IMAGE_MARKER}\n" * n_images + values[users[0]]  # LLaVA's default placement
+    elif markers != n_images:
+        raise Skip("bad_conversation", f"{markers} {IMAGE_MARKER} markers for {n_images} images")
+    elif n_images == 1 and image_first:
+        i = next(i for i in users if IMAGE_MARKER in values[i])
+        values[i] = f"{IMAGE_MARKER}\n" + values[i].replace(IMAGE_MARKER, "").strip()  # as LLaVA's preprocess
+    return values
 
 
 # -- letterboxed / padded images ---------------------------------------------------------------

@@ -25,7 +25,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TEXT_FIELDS = {"captions": ("caption", "txt", "text"), "html": ("html", "text"), "text": ("text",)}
 # Parquet image columns: HF datasets' Image feature (`image`: {bytes, path}), img2dataset (`jpg`).
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
-STREAM_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".jsonl", ".jsonl.zst", ".parquet")
+STREAM_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".jsonl", ".jsonl.zst", ".parquet", ".json")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Webdataset members by role: role -> alternatives (member extension, JSON key or None), tried in
 # order. Set by --fields or by an energon dataset's .nv-meta/dataset.yaml field_map.
@@ -93,6 +93,8 @@ def _stream(kind: str, path: str, first: int | None, label: str, fields: FieldMa
     first_payload = float("inf") if first is None else first
     if stream_format(path) in TAR_SUFFIXES:
         return tar_records(kind, path, first_payload, label, fields)
+    if stream_format(path) == ".json":
+        return _json_list_records(kind, path, first_payload, label)
     return _jsonl_records(kind, path, first_payload, label)
 
 
@@ -156,14 +158,41 @@ def _jsonl_records(kind: str, path: str, first: float, label: str) -> Iterator[R
             yield _json_record(kind, f"{label}:{n}", line, folder)
 
 
+def _json_list_records(kind: str, path: str, first: float, label: str) -> Iterator[Record]:
+    """A JSON list of records (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json), image paths relative
+    to the file's folder."""
+    try:
+        records = json.loads(Path(path).read_bytes())
+    except ValueError as e:
+        yield Record(f"{label}:@0", error=("bad_json", f"not a JSON file ({e})"))
+        return
+    if not isinstance(records, list):
+        yield Record(f"{label}:@0", error=("bad_json", f"a JSON {type(records).__name__}, expected a list of records"))
+        return
+    folder = Path(path).parent
+    for n, obj in enumerate(records):
+        name = f"{label}:{obj.get('id', n) if isinstance(obj, dict) else n}"
+        yield Record(name) if n < first else _json_object_record(kind, name, obj, folder)
+
+
 def _json_record(kind: str, name: str, line: bytes, folder: Path) -> Record:
     try:
         obj = json.loads(line)
     except ValueError as e:  # also a UnicodeDecodeError
         return Record(name, error=("bad_json", f"line is not JSON ({e})"))
+    return _json_object_record(kind, name, obj, folder)
+
+
+def _json_object_record(kind: str, name: str, obj, folder: Path) -> Record:
     if not isinstance(obj, dict):
         return Record(name, error=("bad_json", f"line is a JSON {type(obj).__name__}, expected an object"))
     text = next((obj[f] for f in TEXT_FIELDS[kind] if f in obj), None)
+    if text is None and kind == "captions" and isinstance(obj.get("conversations"), list):
+        from solo.preprocess.webdataset import conversation_caption  # here: webdataset.py imports this module
+
+        text = conversation_caption(obj["conversations"])
+        if isinstance(text, tuple):
+            return Record(name, error=text)
     if kind == "text":
         return Record(name, text=text)
     if isinstance(obj.get("image"), str):

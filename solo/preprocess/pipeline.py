@@ -114,6 +114,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
     try:
         docs: list[tuple[np.ndarray, np.ndarray, list]] = []
         skipped: Counter = Counter()
+        dropped: Counter = Counter()  # parts of kept records left out, by reason
         counts = Counter()
         pending_records = pending_tokens = 0
         last = time.monotonic()
@@ -129,6 +130,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
             counts["documents"] += 1
             counts["truncated"] += any(p.truncated for p in pieces)
             counts["padded"] += sum(padded_images(p, layout.tokenizer, layout.patch_size) for p in pieces)
+            dropped.update(p.dropped for p in pieces if p.dropped)
             for piece in pieces:
                 docs.append((piece.tokens, piece.loss, [spill.add(p) for p in piece.patches]))
                 pending_tokens += len(piece.tokens)
@@ -156,6 +158,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
             "counts": {"records": counts["records"], "documents": counts["documents"],
                        "truncated": counts["truncated"], "padded_images": counts["padded"]},
             "skipped": dict(sorted(skipped.items())),
+            "dropped": dict(sorted(dropped.items())),
         })
     except BaseException:
         writer.abort()

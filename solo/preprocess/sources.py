@@ -166,7 +166,8 @@ def _is_image(name: str) -> bool:
 
 
 class ConversationSource(ListSource):
-    """LLaVA conversation JSON: [{"id", "image", "conversations": [{"from", "value"}, ...]}, ...]."""
+    """LLaVA conversations, a JSON list or JSON Lines: {"id", "image": path | [paths],
+    "conversations": [{"from", "value"}, ...]}; image paths relative to `images`."""
 
     kind = "sft"
 
@@ -185,14 +186,21 @@ class ConversationSource(ListSource):
         label = os.path.basename(self.json_file)
         for index, rec in items:
             key = f"{label}:{rec.get('id', index) if isinstance(rec, dict) else index}"
+            if isinstance(rec, BadLine):
+                yield Record(f"{label}:{rec.line}", error=("bad_json", rec.detail))
+                continue
             if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
                 yield Record(key, error=("bad_conversation", "record is not an object with a 'conversations' list"))
                 continue
             image = rec.get("image")
-            if image is not None and not isinstance(image, str):
-                yield Record(key, error=("bad_conversation", f"'image' must be one path, got {type(image).__name__}"))
+            paths = [image] if isinstance(image, str) else image
+            if image is not None and not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+                yield Record(key, error=("bad_conversation", f"'image' must be a path or a list of paths, "
+                                                             f"got {type(image).__name__}"))
                 continue
-            yield Record(key, image=image and os.path.join(self.images, image), conversations=rec["conversations"])
+            joined = [os.path.join(self.images, p) for p in paths or []]
+            yield Record(key, image=joined if isinstance(image, list) else (joined or [None])[0],
+                         conversations=rec["conversations"])
 
 
 class StreamSource:
@@ -318,6 +326,13 @@ def _class_names(tree: dict, path: str) -> dict[str, str]:
     return {w: _first_lemma(descriptions[w]) for w in wnids}
 
 
+def _json_line(n: int, line: str):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        return BadLine(n, f"line {n} is not JSON ({e})")
+
+
 def _read_lines(path: str) -> list[tuple[int, str]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -326,10 +341,24 @@ def _read_lines(path: str) -> list[tuple[int, str]]:
     return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
+@dataclass
+class BadLine:
+    """A JSON Lines line that is not JSON: skipped as `bad_json` by the shard that reads it."""
+    line: int
+    detail: str
+
+
 def load_conversations(json_file: str) -> list:
+    """The records of a JSON list, or of JSON Lines (`.jsonl`, or a file whose first line is an object)."""
     try:
-        records = json.loads(Path(json_file).read_text(encoding="utf-8"))
+        text = Path(json_file).read_text(encoding="utf-8")
     except (OSError, ValueError) as e:
+        raise InputError(f"{json_file}: not a readable JSON file ({e})") from e
+    if json_file.endswith(".jsonl") or isinstance(_json_line(0, text.lstrip().partition("\n")[0]), dict):
+        return [_json_line(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        records = json.loads(text)
+    except ValueError as e:
         raise InputError(f"{json_file}: not a readable JSON file ({e})") from e
     if not isinstance(records, list):
         raise InputError(f"{json_file}: expected a JSON list of conversations, got a {type(records).__name__}")

@@ -304,6 +304,14 @@ def caption_of_conversation(turns: list) -> str:
     return answers[0]
 
 
+def conversation_caption(turns: list) -> str | tuple[str, str]:
+    """`caption_of_conversation`, its failure as an (reason, detail) error."""
+    try:
+        return caption_of_conversation(turns)
+    except _Bad as bad:
+        return bad.error
+
+
 def _conversation(meta) -> list:
     turns = meta.get("conversations") if isinstance(meta, dict) else meta
     if not isinstance(turns, list):
