@@ -450,3 +450,33 @@ def test_llava_pretrain_json_as_captions(tok, tmp_path):
         same_image(patches[0], expected[caption])
     for tokens, _, _ in documents_of(out):
         assert "brief description" not in tok.decode(tokens) and "<image>" not in tok.decode(tokens)
+
+
+def test_letterbox_needs_uniform_bands_on_two_opposite_sides(tok):
+    from PIL import Image
+
+    from solo.preprocess.documents import Layout, build, padded_images
+    from solo.preprocess.formats import Record
+
+    layout = Layout(tok, 2048, PATCH, SIDE)
+
+    def padded(array):
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "PNG")
+        [doc] = build("captions", Record("k", image=buf.getvalue(), text="x"), layout)
+        return padded_images(doc, tok, PATCH)
+
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (192, 256, 3), dtype=np.uint8)
+    assert padded(picture) == 0
+    sky = picture.copy()
+    sky[:40] = (120, 170, 230)  # a clear sky on one side only: a photo, not padding
+    assert padded(sky) == 0
+    boxed = np.zeros((256, 256, 3), dtype=np.uint8)
+    boxed[32:224] = picture  # black bars above and below
+    assert padded(boxed) == 1
+    pillar = np.full((192, 320, 3), 255, dtype=np.uint8)
+    pillar[:, 32:288] = picture  # white bars left and right
+    assert padded(pillar) == 1

@@ -1,8 +1,10 @@
 """`solo-preprocess`: public datasets in their native formats -> packed SOLO shards.
 
     solo-preprocess imagenet --input train/ --synsets LOC_synset_mapping.txt --output shards/imagenet
-    solo-preprocess imagenet --input 21k/ --synsets wnids.txt --lemmas lemmas.txt --output ...
-    solo-preprocess captions --input 'cc3m/*.tar' --output shards/cc3m
+    solo-preprocess imagenet --input winter21_whole/ --synsets wnids.txt --lemmas lemmas.txt --output ...
+    solo-preprocess imagenet --input imagenet21k_resized/ --synsets imagenet21k_miil_tree.pth --output ...
+    solo-preprocess captions --input 'cc3m/*' --output shards/cc3m          (an img2dataset folder)
+    solo-preprocess captions --input energon_ds/ --split val --output shards/val
     solo-preprocess html     --input 'websight/*.parquet' --output shards/websight
     solo-preprocess sft      --input llava.json --images llava/images --output shards/llava
     solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama
@@ -145,7 +147,7 @@ def _expand(patterns: list[str], suffixes: tuple[str, ...], split: str = "train"
             # A folder's .json files are sidecars (img2dataset stats, timm's _info.json); a JSON list
             # of records is named on its own.
             found = [os.path.join(pattern, n) for n in os.listdir(pattern)
-                     if stream_format(n) in suffixes and stream_format(n) != ".json" or n.endswith("_stats.json")]
+                     if (stream_format(n) in suffixes and stream_format(n) != ".json") or n.endswith("_stats.json")]
             if not any(stream_format(f) in suffixes and not is_img2dataset_sidecar(f) for f in found):
                 raise InputError(f"--input {pattern}: folder holds no {', '.join(suffixes)} files")
         else:

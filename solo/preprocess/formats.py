@@ -1,5 +1,5 @@
-"""Streamed input files -> records: webdataset tars (`webdataset.py`), JSONL and `.jsonl.zst`
-(zstandard), Parquet (pyarrow).
+"""Streamed input files -> records: webdataset tars and `.tar.gz` (`webdataset.py`), JSONL and
+`.jsonl.zst` (zstandard), Parquet (pyarrow), JSON lists of LLaVA-Pretrain records (captions).
 
 Each reader yields one `Record` per input record, in file order, including the records that are
 unusable as read (they carry `error = (reason, detail)` and are counted as skipped). A truncated or

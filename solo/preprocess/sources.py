@@ -3,15 +3,17 @@
 Records are enumerated deterministically (sorted files, members and lines in file order) and cut
 into shards of `shard_size` records, so shard k is a function of (inputs, k, seed, options):
 
-* ImageNet folders and LLaVA JSON are lists of independent records: the whole list is shuffled
-  with the seed first (ImageNet folders are sorted by class; a shard must mix classes).
+* ImageNet folders and per-synset tars, and LLaVA JSON / JSON Lines, are lists of independent
+  records: the whole list is shuffled with the seed first (ImageNet is sorted by class; a shard
+  must mix classes). A synset tar's images are read at their offsets, never extracted.
 * Streamed files (webdataset tars, JSONL, `.jsonl.zst`, Parquet) are read in order: shard k holds
   records [k*S, (k+1)*S) of the concatenated files, so every shard reads its files sequentially
   once. These corpora come shuffled (img2dataset, SlimPajama); the order of documents inside a
   shard is shuffled with the seed before packing anyway. Planning counts the records of every
   file (in the worker pool), reading only headers/lines.
 
-The readers per stream format live in `formats.py`.
+The readers per stream format live in `formats.py`. Energon folders (`.nv-meta/split.yaml`,
+`dataset.yaml`, PyYAML and braceexpand) and img2dataset's sidecar files are resolved here too.
 """
 
 from __future__ import annotations
