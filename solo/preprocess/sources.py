@@ -243,7 +243,7 @@ class StreamSource:
     def spec(self) -> dict:
         spec = {"kind": self.kind, "input": self.input,
                 "files": [{"path": f, "bytes": os.path.getsize(f), "records": n}
-                          for f, n in zip(self.files, self.counts or [None] * len(self.files))]}
+                          for f, n in zip(self.files, self.counts or [None] * len(self.files), strict=True)]}
         if self.fields is not None:
             spec["fields"] = {role: [list(alt) for alt in alts] for role, alts in self.fields.items()}
         if self.upstream is not None:
@@ -277,7 +277,7 @@ def load_synsets(synsets_file: str, lemmas_file: str | None) -> dict[str, str]:
         lemmas = _read_lines(lemmas_file)
         if len(lemmas) != len(lines):
             raise InputError(f"{synsets_file} has {len(lines)} synsets but {lemmas_file} has {len(lemmas)} lemma lines")
-        pairs = [(n, w.strip(), lem) for (n, w), (_, lem) in zip(lines, lemmas)]
+        pairs = [(n, w.strip(), lem) for (n, w), (_, lem) in zip(lines, lemmas, strict=True)]
     else:
         pairs = [(n, *(line.strip().split(None, 1) + [""])[:2]) for n, line in lines]
     for n, wnid, lemma in pairs:

@@ -46,7 +46,8 @@ def report(folder: str | Path, per_shard: bool = False) -> tuple[str, int]:
     table = [header] + [[name] + [f"{c.get(k, 0):,}" for k, _ in COLUMNS] + [f"{100 * c.get('fill', 0):.2f}%", f"{s:,}"]
                         for name, c, s in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
              for r in table]
     lines.insert(1, "-" * len(lines[0]))
     if per_shard:
