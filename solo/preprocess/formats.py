@@ -1,5 +1,5 @@
-"""Streamed input files -> records: webdataset tars (`webdataset.py`), JSONL and `.jsonl.zst`
-(zstandard), Parquet (pyarrow).
+"""Streamed input files -> records: webdataset tars and `.tar.gz` (`webdataset.py`), JSONL and
+`.jsonl.zst` (zstandard), Parquet (pyarrow), JSON lists of LLaVA-Pretrain records (captions).
 
 Each reader yields one `Record` per input record, in file order, including the records that are
 unusable as read (they carry `error = (reason, detail)` and are counted as skipped). A truncated or
@@ -29,7 +29,13 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TEXT_FIELDS = {"captions": ("caption", "txt", "text"), "html": ("html", "text"), "text": ("text",)}
 # Parquet image columns: HF datasets' Image feature (`image`: {bytes, path}), img2dataset (`jpg`).
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
-STREAM_SUFFIXES = (".tar", ".jsonl", ".jsonl.zst", ".parquet")
+STREAM_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".jsonl", ".jsonl.zst", ".parquet", ".json")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Webdataset members by role: role -> alternatives (member extension, JSON key or None), tried in
+# order. Set by --fields or by an energon dataset's .nv-meta/dataset.yaml field_map.
+FieldMap = dict[str, list[tuple[str, str | None]]]
+ROLES_BY_KIND = {"captions": ("image", "text"), "html": ("image", "text"), "text": ("text",),
+                 "sft": ("image", "conversation", "context", "answers")}
 
 
 class InputError(ValueError):
@@ -69,6 +75,18 @@ def stream_format(path: str) -> str | None:
     return next((s for s in STREAM_SUFFIXES if path.endswith(s)), None)
 
 
+def parse_fields(kind: str, spec: str, what: str = "--fields") -> FieldMap:
+    """`image=jpg,text=json:caption` (alternatives with '|': `image=jpg|png`) -> FieldMap."""
+    fields: FieldMap = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        role, eq, value = item.partition("=")
+        if not eq or role not in ROLES_BY_KIND[kind] or not value:
+            raise InputError(f"{what} {spec!r}: expected ROLE=EXT[:JSON_KEY][|EXT...] with ROLE one of "
+                             f"{', '.join(ROLES_BY_KIND[kind])}, got {item!r}")
+        fields[role] = [(ext.lower(), key or None) for ext, _, key in (alt.partition(":") for alt in value.split("|"))]
+    return fields
+
+
 def count_records(kind: str, path: str) -> int:
     fmt = stream_format(path)
     if fmt == ".parquet":
@@ -76,13 +94,15 @@ def count_records(kind: str, path: str) -> int:
     return sum(1 for _ in _stream(kind, path, None, path))
 
 
-def read_records(kind: str, path: str, start: int, stop: int | None, label: str | None = None) -> Iterator[Record]:
-    """Records start..stop-1 of `path` (stop None: to the end), keyed `label:record` (label: `path`)."""
+def read_records(kind: str, path: str, start: int, stop: int | None, label: str | None = None,
+                 fields: FieldMap | None = None) -> Iterator[Record]:
+    """Records start..stop-1 of `path` (stop None: to the end), keyed `label:record` (label: `path`);
+    `fields` maps a webdataset's members to roles (None: the common layouts are recognized)."""
     label = path if label is None else label
     if stream_format(path) == ".parquet":
         yield from _parquet_records(kind, path, start, stop, label)
         return
-    records = _stream(kind, path, start, label)
+    records = _stream(kind, path, start, label, fields)
     for i, record in enumerate(records):
         if stop is not None and i >= stop:
             break
@@ -90,12 +110,16 @@ def read_records(kind: str, path: str, start: int, stop: int | None, label: str 
             yield record
 
 
-def _stream(kind: str, path: str, first: int | None, label: str) -> Iterator[Record]:
+def _stream(kind: str, path: str, first: int | None, label: str, fields: FieldMap | None = None) -> Iterator[Record]:
     """Every record of a tar or JSONL file; payloads are read from record `first` on (None: never)."""
     from solo.preprocess.webdataset import tar_records  # here: webdataset.py imports Record from this module
 
-    reader = tar_records if stream_format(path) == ".tar" else _jsonl_records
-    return reader(kind, path, float("inf") if first is None else first, label)
+    first_payload = float("inf") if first is None else first
+    if stream_format(path) in TAR_SUFFIXES:
+        return tar_records(kind, path, first_payload, label, fields)
+    if stream_format(path) == ".json":
+        return _json_list_records(kind, path, first_payload, label)
+    return _jsonl_records(kind, path, first_payload, label)
 
 
 # -- JSONL / .jsonl.zst ------------------------------------------------------------------------
@@ -214,14 +238,41 @@ def _jsonl_records(kind: str, path: str, first: float, label: str) -> Iterator[R
             yield _json_record(kind, f"{label}:{n}", line, folder)
 
 
+def _json_list_records(kind: str, path: str, first: float, label: str) -> Iterator[Record]:
+    """A JSON list of records (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json), image paths relative
+    to the file's folder."""
+    try:
+        records = json.loads(Path(path).read_bytes())
+    except ValueError as e:
+        yield Record(f"{label}:@0", error=("bad_json", f"not a JSON file ({e})"))
+        return
+    if not isinstance(records, list):
+        yield Record(f"{label}:@0", error=("bad_json", f"a JSON {type(records).__name__}, expected a list of records"))
+        return
+    folder = Path(path).parent
+    for n, obj in enumerate(records):
+        name = f"{label}:{obj.get('id', n) if isinstance(obj, dict) else n}"
+        yield Record(name) if n < first else _json_object_record(kind, name, obj, folder)
+
+
 def _json_record(kind: str, name: str, line: bytes, folder: Path) -> Record:
     try:
         obj = json.loads(line)
     except (ValueError, RecursionError) as e:  # also a UnicodeDecodeError; RecursionError: "[[[[..."
         return Record(name, error=("bad_json", f"line is not JSON ({e})"))
+    return _json_object_record(kind, name, obj, folder)
+
+
+def _json_object_record(kind: str, name: str, obj, folder: Path) -> Record:
     if not isinstance(obj, dict):
         return Record(name, error=("bad_json", f"line is a JSON {type(obj).__name__}, expected an object"))
     text = next((obj[f] for f in TEXT_FIELDS[kind] if f in obj), None)
+    if text is None and kind == "captions" and isinstance(obj.get("conversations"), list):
+        from solo.preprocess.webdataset import conversation_caption  # here: webdataset.py imports this module
+
+        text = conversation_caption(obj["conversations"])
+        if isinstance(text, tuple):
+            return Record(name, error=text)
     if error := bad_text(text=text, image=obj.get("image")):
         return Record(name, error=error)
     if kind == "text":
