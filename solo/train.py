@@ -388,10 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="stage YAML (configs/stage1.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor_parallel=2")
-    parser.add_argument("--plan", action="store_true", help="print the memory plan per GPU and exit (no GPU, no torchrun)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan per GPU and exit (no GPU, no torchrun)")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
-                        help="with --plan: check against this GPU size; exit 2 with the change that fits if it does not")
-    parser.add_argument("--gpus", type=int, default=None, help="with --plan: GPUs of the run (default $WORLD_SIZE, else 8)")
+                        help="with --plan: check against this GPU size; exit 2 with the change that fits if not")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="with --plan: GPUs of the run (default $WORLD_SIZE, else 8)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

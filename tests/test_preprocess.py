@@ -185,11 +185,11 @@ def documents_of(folder, seq=SEQ):
             assert len(s.tokens) <= seq
             images, offset = iter(s.patches), 0
             for n in s.document_lengths:
-                t, l = s.tokens[offset:offset + n], s.loss_mask[offset:offset + n]
-                assert l[0] == 0 and not l[t >= 32000].any()
+                t, mask = s.tokens[offset:offset + n], s.loss_mask[offset:offset + n]
+                assert mask[0] == 0 and not mask[t >= 32000].any()
                 patches = [next(images) for _ in range(int((t == 32000).sum()))]
                 assert sum(len(p) for p in patches) == int((t == 32001).sum())
-                docs.append((t, l, patches))
+                docs.append((t, mask, patches))
                 offset += n
             assert next(images, None) is None
     return docs
@@ -361,9 +361,9 @@ def test_captions_from_tar_jsonl_and_parquet(captions, tok, tmp_path):
     manifest = read_folder_manifest(out)
     assert manifest["skipped"] == dict(sorted(skipped.items()))
     docs = documents_of(out)
-    got = {tok.decode(t[l == 1]): p[0] for t, l, p in docs}
+    got = {tok.decode(t[mask == 1]): p[0] for t, mask, p in docs}
     assert set(got) == set(good)
-    for caption, file in good.items():
+    for caption in good:
         assert got[caption].shape[1] == 3 * PATCH * PATCH
     # The image travels intact: compare one with the vision pipeline.
     np.testing.assert_array_equal(got["A horse in JSONL."], encode_image(photo("horse.png"), PATCH, SIDE).patches)
@@ -380,7 +380,7 @@ def test_html_pairs_with_truncation(tok, tmp_path):
     assert cli("html", "--input", tmp_path / "web.tar", tmp_path / "websight.parquet", "--output", out, *OPTS) == 0
     manifest = read_folder_manifest(out)
     assert manifest["totals"]["truncated"] == 1 and manifest["totals"]["documents"] == 3
-    texts = sorted(tok.decode(t[l == 1]) for t, l, _ in documents_of(out))
+    texts = sorted(tok.decode(t[mask == 1]) for t, mask, _ in documents_of(out))
     assert texts[:2] == ["<div>logo</div>", "<h1>Title</h1>"]
     assert long_html.startswith(texts[2]) and len(texts[2]) < len(long_html)
 
@@ -428,7 +428,7 @@ def test_sft_end_to_end(tok, tmp_path):
     assert cli("sft", "--input", tmp_path / "llava.json", "--images", images, "--output", out, *OPTS) == 0
     manifest = read_folder_manifest(out)
     assert manifest["skipped"] == {"bad_conversation": 1, "unreadable_file": 1}
-    answers = sorted(tok.decode(t[l == 1]) for t, l, _ in documents_of(out))
+    answers = sorted(tok.decode(t[mask == 1]) for t, mask, _ in documents_of(out))
     assert answers == ["A cat.", "Hello!"]
 
 
@@ -552,7 +552,7 @@ def test_tar_reads_on_past_corrupt_member_headers(tok, tmp_path, caplog):
         assert cli("captions", "--input", tmp_path / "00000.tar", "--output", out, *OPTS) == 0
     manifest = read_folder_manifest(out)
     assert manifest["skipped"] == {"corrupt_tar_member": 3} and manifest["totals"]["records"] == 8
-    kept = sorted(tok.decode(t[l == 1]) for t, l, _ in documents_of(out))
+    kept = sorted(tok.decode(t[mask == 1]) for t, mask, _ in documents_of(out))
     assert kept == [f"rocket {k}" for k in (0, 1, 3, 6, 7)]
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skip")]
     assert [m.split(": ")[0] for m in skips] == [f"skip captions 00000.tar:{keys[k]}" for k in (2, 4, 5)]

@@ -74,7 +74,7 @@ def test_roundtrip_through_megatron_indexed_dataset(tmp_path):
         np.testing.assert_array_equal(got.loss_mask, expected.loss_mask)
         assert got.document_lengths == expected.document_lengths
         assert len(got.patches) == len(expected.patches)
-        for a, b in zip(got.patches, expected.patches):
+        for a, b in zip(got.patches, expected.patches, strict=True):
             np.testing.assert_array_equal(a, b)
     # The raw megatron-core view: one sequence per document, document_indices group samples; an
     # image-free sample is an empty pixel group.

@@ -249,7 +249,8 @@ class ShardWriter:
                 builder.finalize(f"{self.tmp[part]}.idx")
                 for ext in ("bin", "idx"):
                     tmp = Path(f"{self.tmp[part]}.{ext}")
-                    files[f"{self.prefix.name}.{part}.{ext}"] = {"bytes": tmp.stat().st_size, CHECKSUM: checksum_file(tmp)}
+                    files[f"{self.prefix.name}.{part}.{ext}"] = {"bytes": tmp.stat().st_size,
+                                                             CHECKSUM: checksum_file(tmp)}
             for part in PARTS:
                 for ext in ("bin", "idx"):
                     replace_durably(f"{self.tmp[part]}.{ext}", f"{self.prefix}.{part}.{ext}")
