@@ -708,3 +708,20 @@ def _check_input(preprocess, name: str, data: bytes) -> None:
 @given(st.sampled_from(sorted(INPUTS)).flatmap(lambda name: st.tuples(st.just(name), mutated([INPUTS[name]]))))
 def test_fuzz_preprocess_readers_on_damaged_inputs(preprocess, bounded_memory, case):
     _check_input(preprocess, *case)
+
+
+# -- 8. Issue 17: the training and checkpoint side ------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--tp", "0"],
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--tp", "-2"],
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--seed", "-1"],
+    ["solo-to-hf", "--checkpoint", "x", "--output", "y", "--max-shard-gb", "0"],
+])
+def test_solo_convert_refuses_non_positive_counts_before_reading_anything(args, capsys):
+    from solo.convert.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"solo-convert {args[0]}: error: argument {args[-2]}" in err, err
