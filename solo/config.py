@@ -107,6 +107,9 @@ class DataConfig:
     seq_length_tokens: int = 32768
     seed: int = 1234
     verify_checksums: bool = False
+    # A shard folder whose manifest.json says `complete: false` (solo-preprocess stopped before its
+    # last shard) is refused unless this is true; then its complete shards are used.
+    allow_incomplete: bool = False
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def train(cfg: TrainConfig) -> dict:
                          f"data-parallel size {dp_size} x micro_batch_size {cfg.micro_batch_size}")
 
     # 1. Everything that can be wrong with the inputs is checked before any compute.
-    data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size)
+    data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size, cfg.model.vocab_size)
     resume = latest_checkpoint(cfg.save_dir)
     init = resolve_checkpoint(cfg.init_from) if (cfg.init_from and resume is None) else None
     for checkpoint in (resume, init):

@@ -725,3 +725,50 @@ def test_solo_convert_refuses_non_positive_counts_before_reading_anything(args, 
         main(args)
     err = capsys.readouterr().err
     assert exited.value.code == 2 and f"solo-convert {args[0]}: error: argument {args[-2]}" in err, err
+
+
+def _stage_data(shards: Path, **data_overrides):
+    from solo.config import DataConfig, DataSource
+    from solo.data.dataset import StageData
+
+    data = DataConfig(sources=(DataSource("images", str(shards / "images"), 0.7),
+                               DataSource("text", str(shards / "text"), 0.3)), seq_length_tokens=256, **data_overrides)
+    return lambda **kw: StageData(data, global_batch_size=4, train_steps=STEPS, patch_size=32, **kw)
+
+
+def test_an_unfinished_shard_folder_is_refused_unless_allowed(root, tmp_path):
+    """Item 5: a folder manifest saying `complete: false` (a killed solo-preprocess)."""
+    from solo.data.shards import ShardError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    manifest = json.loads((shards / "text" / "manifest.json").read_text())
+    (shards / "text" / "manifest.json").write_text(json.dumps(
+        {**manifest, "shards_planned": 30, "shards_complete": 14, "complete": False}))
+    with pytest.raises(ShardError, match=re.escape(f"data source 'text': {shards / 'text'} is unfinished "
+                                                   "(14 of 30 shards complete")) as error:
+        _stage_data(shards)()
+    assert "data.allow_incomplete=true" in str(error.value)
+    assert _stage_data(shards, allow_incomplete=True)().sources[1].shards == manifest["shards"]
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_token_ids_beyond_the_model_vocabulary_are_refused_before_compute(root, tmp_path, recorded):
+    """Item 6: from the shard manifest's `token_id_range` when solo-preprocess recorded it, else
+    from the tokens themselves."""
+    from solo.data.shards import ShardError, list_shards, open_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    for p in list_shards(shards / "text") + list_shards(shards / "images"):
+        if recorded:  # as solo-preprocess records it
+            path = Path(f"{p}.json")
+            ids = np.concatenate([s.tokens for s in map(open_shard(p).sample, range(len(open_shard(p))))])
+            path.write_text(json.dumps({**json.loads(path.read_text()),
+                                        "token_id_range": [int(ids.min()), int(ids.max())]}))
+    build = _stage_data(shards)
+    build(vocab_size=33031)  # the tokenizer's vocabulary: fine
+    with pytest.raises(ShardError) as error:
+        build(vocab_size=10)
+    message = str(error.value)
+    assert "model.vocab_size=10" in message and "token ids up to" in message and str(shards) in message, message
