@@ -74,11 +74,31 @@ class MetricsLogger:
         """A resumed run rewrites the steps after its checkpoint: keep the file one line per step."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for _, line, row in self._rows() if row["step"] <= step]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.metrics_path)
+
+    def _rows(self):
+        """(line number, line, row) of metrics.jsonl. A kill while a row was being appended leaves
+        a cut last line: dropped, and said. A bad line elsewhere is an error naming it."""
+        text = self.metrics_path.read_text()
+        lines = text.splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step = row["step"] if isinstance(row, dict) else None
+            except (ValueError, KeyError):
+                step = None
+            if isinstance(step, int):
+                yield n, line, row
+            elif n == len(lines) and not text.endswith("\n"):
+                self.info(f"{self.metrics_path}: dropped a partial last line (line {n}, cut while being written)")
+            else:
+                raise ValueError(f"{self.metrics_path}: line {n} is not a metrics row (JSON with a step): "
+                                 f"{line[:80]!r}")
 
     def info(self, message: str) -> None:
         if self.is_writer:
@@ -120,3 +140,4 @@ class MetricsLogger:
         os.replace(tmp, self.dir / "result.json")
         if self.wandb is not None:
             self.wandb.finish()
+

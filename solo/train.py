@@ -29,11 +29,12 @@ from solo.checkpoint import (
     check_model_shape,
     check_stage_finished,
     fault_injected,
-    latest_checkpoint,
+    good_checkpoint_label,
     load_checkpoint,
     model_meta,
     read_meta,
     resolve_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from solo.config import ConfigError, TrainConfig, load_config
@@ -95,7 +96,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 1. Everything that can be wrong with the inputs is checked before any compute.
     data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size, cfg.model.vocab_size)
-    resume = latest_checkpoint(cfg.save_dir)
+    resume = resume_checkpoint(cfg.save_dir)
     init = resolve_checkpoint(cfg.init_from) if (cfg.init_from and resume is None) else None
     for checkpoint in (resume, init):
         if checkpoint is not None:
@@ -195,7 +196,7 @@ def train(cfg: TrainConfig) -> dict:
         if fault:
             if cfg.nonfinite_loss == "stop" or weights_touched:
                 prefetch.close()
-                raise NonFiniteLoss(f"{fault}; stopping. The last good checkpoint is {last_saved}")
+                raise NonFiniteLoss(f"{fault}; stopping. {good_checkpoint_label(last_saved)}")
             log.info(f"{fault}; skipping this batch (nonfinite_loss=skip)")
             grad_norm = float("nan")
         scheduler.step(increment=1)

@@ -727,6 +727,148 @@ def test_solo_convert_refuses_non_positive_counts_before_reading_anything(args, 
     assert exited.value.code == 2 and f"solo-convert {args[0]}: error: argument {args[-2]}" in err, err
 
 
+def train_tp1(config_path: Path, *overrides: str, env: dict | None = None, timeout: float = 600):
+    """solo.train as one process (TP=1), as a user runs it on one machine. Output goes to files and
+    the process group is killed at the end: a SIGKILLed run leaves the checkpoint writer's
+    multiprocessing helpers behind, which would hold pipes open and outlive the test."""
+    env = {**ENV, "MASTER_PORT": str(free_port()), **(env or {})}
+    cmd = [sys.executable, "-m", "solo.train", str(config_path), "parallel.tensor_parallel=1", *overrides]
+    with open(config_path.with_suffix(f".{time.monotonic_ns()}.out"), "w+") as out, \
+            open(config_path.with_suffix(f".{time.monotonic_ns()}.err"), "w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+@pytest.fixture(scope="module")
+def four_steps(root) -> Path:
+    """A finished one-process run: checkpoints at steps 2 and 4 (the rollback and damage tests copy it)."""
+    save_dir = root / "runs" / "four-steps"
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert latest(save_dir) == "iter_0000004" and len(losses(save_dir)) == 4
+    return save_dir
+
+
+def copy_run(run: Path, to: Path, latest_name: str | None = None) -> Path:
+    shutil.copytree(run, to)
+    if latest_name is not None:
+        (to / "latest").write_text(latest_name + "\n")
+    return to
+
+
+@pytest.mark.distributed
+def test_rollback_with_keep_1_never_prunes_what_latest_names_and_resumes(root, four_steps, tmp_path):
+    """`latest` rolled back to step 2 while steps 4 exists, keep_checkpoints=1: the step-3 save must
+    survive its own pruning, so a crash at the next save leaves a run that resumes (issue 17, item 1)."""
+    save_dir = copy_run(four_steps, tmp_path / "run", "iter_0000002")
+    cfg = config(root, save_dir, train_steps=4, save_interval_steps=1, keep_checkpoints=1)
+    crashed = train_tp1(cfg, env={"SOLO_FAULT_INJECT": "crash_in_save@step=4"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-4000:]
+    assert latest(save_dir) == "iter_0000003" and (save_dir / "iter_0000003" / "solo_meta.json").is_file()
+    assert not (save_dir / "iter_0000002").exists()  # older than the new save: pruned
+    # Every file of the new checkpoint is recorded with its size and checksum (item 7).
+    record = json.loads((save_dir / "iter_0000003" / "checksums.json").read_text())
+    on_disk = {p.name: p.stat().st_size for p in (save_dir / "iter_0000003").iterdir() if p.name != "checksums.json"}
+    assert {name: f["bytes"] for name, f in record["files"].items()} == on_disk and ".metadata" in on_disk
+    resumed = train_tp1(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {save_dir / 'iter_0000003'}" in resumed.stdout
+    assert losses(save_dir) == losses(four_steps)
+
+
+@pytest.mark.distributed
+def test_missing_latest_resumes_from_the_newest_verified_checkpoint_and_says_so(root, four_steps, tmp_path):
+    """No `latest` beside iter_* folders (and the newest one damaged): never a silent restart from
+    random weights (item 1); a cut last line of metrics.jsonl is dropped with a log line (item 12)."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    (save_dir / "latest").unlink()
+    _flip_byte(save_dir / "iter_0000004" / "__0_0.distcp", 1000)
+    metrics = (save_dir / "metrics.jsonl").read_text()
+    (save_dir / "metrics.jsonl").write_text(metrics[:len(metrics) - 40])  # killed mid-write of step 4's row
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert f"{save_dir}: no `latest` pointer; resuming from the newest verified checkpoint iter_0000002" in out, out
+    assert "iter_0000004 is damaged" in out and "__0_0.distcp" in out, out
+    assert "metrics.jsonl: dropped a partial last line" in out, out
+    assert "random init" not in out and losses(save_dir) == losses(four_steps)
+
+
+def _craft_metadata_pickle(checkpoint: Path) -> None:
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("open('/tmp/pwned', 'w')",))
+
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    record_path = checkpoint / "checksums.json"  # re-recorded: only the unpickler can refuse it now
+    if record_path.exists():
+        from solo.data.shards import checksum_file
+
+        record = json.loads(record_path.read_text())
+        record["files"][".metadata"] = {"bytes": (checkpoint / ".metadata").stat().st_size,
+                                        "xxh3_128": checksum_file(checkpoint / ".metadata")}
+        record_path.write_text(json.dumps(record))
+
+
+DAMAGE = {
+    "flipped_distcp": (lambda c: _flip_byte(c / "__0_1.distcp", 4096), "__0_1.distcp does not match its checksum"),
+    "truncated_distcp": (lambda c: (c / "__0_0.distcp").write_bytes((c / "__0_0.distcp").read_bytes()[:-999]),
+                         "__0_0.distcp has"),
+    "missing_metadata": (lambda c: (c / ".metadata").unlink(), ".metadata is missing"),
+    "crafted_pickle": (_craft_metadata_pickle, "refusing to unpickle builtins.exec"),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_checkpoint_at_resume_is_one_error_line_exit_2(root, four_steps, tmp_path, damage):
+    """Items 7 and 11: verified at load (size and xxh3 of every file), any other load failure
+    becomes one `solo-train: error:` line naming the checkpoint."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    damage_fn, message = DAMAGE[damage]
+    damage_fn(save_dir / "iter_0000004")
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("solo-train: error:")]
+    assert len(errors) == 1 and str(save_dir / "iter_0000004") in errors[0], proc.stderr[-3000:]
+    assert message in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr and not Path("/tmp/pwned").exists()
+
+
+@pytest.mark.distributed
+def test_truncated_solo_meta_is_an_error_naming_the_file(root, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    meta = save_dir / "iter_0000004" / "solo_meta.json"
+    meta.write_text(meta.read_text()[:50])
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"solo-train: error: {meta}: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_nonfinite_stop_names_no_unverified_checkpoint_as_good(root, four_steps, tmp_path):
+    """Item 7: a checkpoint without a checksum record (written before they existed) loads with a
+    warning, and is not called "the last good checkpoint"."""
+    save_dir = copy_run(four_steps, tmp_path / "run", "iter_0000002")
+    (save_dir / "iter_0000002" / "checksums.json").unlink()
+    proc = train_tp1(config(root, save_dir, train_steps=4), env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=3"})
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert f"{save_dir / 'iter_0000002'} has no checksums.json: loaded unverified" in proc.stdout, proc.stdout[-3000:]
+    assert "stopping. No verified checkpoint to go back to" in proc.stderr, proc.stderr[-3000:]
+
+
 def _stage_data(shards: Path, **data_overrides):
     from solo.config import DataConfig, DataSource
     from solo.data.dataset import StageData
