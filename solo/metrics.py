@@ -46,7 +46,7 @@ def training_flops(model: ModelConfig, tokens: float, attention_pairs: float) ->
 class MetricsLogger:
     def __init__(self, cfg: TrainConfig, start_step: int, total_steps: int, sources):
         self.cfg = cfg
-        self.total_steps = total_steps
+        self.start_step, self.total_steps = start_step, total_steps
         self.is_writer = dist.get_rank() == 0
         self.world = dist.get_world_size()
         self.peak = peak_flops_per_device()
@@ -134,6 +134,11 @@ class MetricsLogger:
 
     def close(self, result: dict) -> None:
         if not self.is_writer:
+            return
+        if self.start_step >= self.total_steps and (self.dir / "result.json").exists():
+            # A rerun of a finished stage ran no step: its result is the one of the run that did.
+            self.info(f"stage already finished at step {self.start_step} of {self.total_steps}; "
+                      f"{self.dir / 'result.json'} kept as it was")
             return
         tmp = self.dir / ".tmp-result.json"
         tmp.write_text(json.dumps(result, indent=2))

@@ -858,6 +858,18 @@ def test_truncated_solo_meta_is_an_error_naming_the_file(root, four_steps, tmp_p
 
 
 @pytest.mark.distributed
+def test_rerunning_a_finished_stage_keeps_its_result(root, four_steps, tmp_path):
+    """Item 14: the rerun of a finished stage says so, exits 0 and leaves result.json as it was."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    before = (save_dir / "result.json").read_bytes()
+    assert len(json.loads(before)["losses"]) == 4
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "already finished at step 4 of 4" in proc.stdout, proc.stdout[-3000:]
+    assert (save_dir / "result.json").read_bytes() == before
+
+
+@pytest.mark.distributed
 def test_nonfinite_stop_names_no_unverified_checkpoint_as_good(root, four_steps, tmp_path):
     """Item 7: a checkpoint without a checksum record (written before they existed) loads with a
     warning, and is not called "the last good checkpoint"."""
