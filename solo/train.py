@@ -45,6 +45,7 @@ from solo.data.shards import ShardError
 from solo.distributed import destroy_distributed, device, init_distributed
 from solo.metrics import MetricsLogger, training_flops
 from solo.model import build_model
+from solo.run_guard import guard_run
 from solo.tokenizer import SOLOTokenizer
 
 
@@ -89,6 +90,7 @@ def train(cfg: TrainConfig) -> dict:
     bf16 = gpu and cfg.precision == "bf16"
     p = cfg.parallel
     init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, seed=cfg.seed)
+    guard_run(cfg.save_dir)  # one run per save_dir; ranks die with torchrun
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     if cfg.global_batch_size % (dp_size * cfg.micro_batch_size):
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by "

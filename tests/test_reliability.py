@@ -271,7 +271,7 @@ def test_disk_full_during_checkpoint_is_a_clear_error_and_a_rerun_completes(root
     assert "solo-train: error:" in log and "writing the checkpoint of step 4 failed" in log, log[-4000:]
     assert "disk full?" in log and "last complete checkpoint is " + str(save_dir / "iter_0000002") in log
     assert "Traceback" not in log.split("solo-train: error:")[0].split("saved")[-1]
-    assert sorted(p.name for p in save_dir.iterdir()) == ["iter_0000002", "latest", "metrics.jsonl"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [".solo-train.lock", "iter_0000002", "latest", "metrics.jsonl"]
     assert latest(save_dir) == "iter_0000002"
     assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
     resize_tmpfs(small_disk, "320m")
@@ -926,3 +926,35 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused_before_compute(root, 
         build(vocab_size=10)
     message = str(error.value)
     assert "model.vocab_size=10" in message and "token ids up to" in message and str(shards) in message, message
+
+
+@pytest.mark.distributed
+def test_a_second_job_on_the_save_dir_is_refused_and_ranks_die_with_their_launcher(root, tmp_path):
+    """Item 10: the save_dir lock names its holder; SIGKILL of torchrun alone (not its process
+    group) takes the ranks down within seconds, and they write no further checkpoint."""
+    import fcntl
+
+    save_dir = tmp_path / "run"
+    cfg = config(root, save_dir, train_steps=40, save_interval_steps=1, keep_checkpoints=2)
+    job = launch(cfg)
+    try:
+        wait_for_steps(job, save_dir, 1)
+        ranks = psutil.Process(job.pid).children()
+        assert len(ranks) == 2
+        second = train_tp1(cfg, timeout=180)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert re.search(rf"solo-train: error: {re.escape(str(save_dir))} is in use by another run "
+                         rf"\(pid \d+ on {re.escape(os.uname().nodename)}", second.stderr), second.stderr[-3000:]
+        job.kill()  # torchrun alone: its ranks lose their launcher
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, f"ranks {[p.pid for p in alive]} outlived their launcher"
+        written = sorted(p.name for p in save_dir.iterdir())
+        time.sleep(2)
+        assert sorted(p.name for p in save_dir.iterdir()) == written
+        with open(save_dir / ".solo-train.lock", "a") as lock:  # released with its holder
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        for rank in psutil.Process().children(recursive=True):
+            rank.kill()
