@@ -133,6 +133,7 @@ class MetricsLogger:
             )
 
     def close(self, result: dict) -> None:
+        _copy_result(result)
         if not self.is_writer:
             return
         if self.start_step >= self.total_steps and (self.dir / "result.json").exists():
@@ -146,3 +147,17 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
 
+
+RESULT_COPY_ENV = "SOLO_RESULT_FILE"
+
+
+def _copy_result(result: dict) -> None:
+    """scripts/pretrain.sh reads the result of this node's ranks from $SOLO_RESULT_FILE: torchrun
+    exits 1 after any signal, even when every rank saved and exited 0, and the script must tell a
+    clean preemption from a failure. Every node's local rank 0 writes it (ranks agree on the stop)."""
+    path = os.environ.get(RESULT_COPY_ENV)
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(result, indent=2))
+        os.replace(tmp, path)

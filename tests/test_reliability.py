@@ -958,3 +958,25 @@ def test_a_second_job_on_the_save_dir_is_refused_and_ranks_die_with_their_launch
             os.killpg(job.pid, signal.SIGKILL)
         for rank in psutil.Process().children(recursive=True):
             rank.kill()
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_launch_script_saves_and_it_exits_0(root):
+    """Item 17: torchrun exits 1 after a SIGTERM of its own even when every rank saved and exited 0
+    (and kills ranks still saving 30 s after it). scripts/pretrain.sh hands a SIGTERM to the ranks
+    instead, so the clean stop is exit 0 and the save has all the time it needs."""
+    save_dir = root / "runs" / "sigterm-script"
+    cfg = config(root, save_dir, save_interval_steps=100)
+    log = open(cfg.with_suffix(".term.log"), "w+")
+    proc = subprocess.Popen(["bash", "scripts/pretrain.sh", str(cfg)], cwd=Path(__file__).parent.parent,
+                            env={**ENV, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    wait_for_steps(proc, save_dir, 2)
+    proc.send_signal(signal.SIGTERM)  # the launch script alone, as `scancel --signal=TERM --batch` does
+    out = output(proc)
+    stopped = re.search(r"stop requested \(SIGTERM\): saved step (\d+), exiting", out)
+    assert stopped, out[-4000:]
+    assert proc.returncode == 0, out[-4000:]
+    assert json.loads((save_dir / "result.json").read_text())["preempted"] is True
+    assert latest(save_dir) == f"iter_{int(stopped.group(1)):07d}"
