@@ -176,7 +176,8 @@ def test_sigkill_at_a_random_point_then_restart_equals_an_uninterrupted_run(root
     output(proc)
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     resumed_from = latest(save_dir) if (save_dir / "latest").exists() else "scratch"
-    print(f"killed {delay:.2f} s after step {k} was logged ({steps_logged(save_dir)} logged); resuming from {resumed_from}")
+    print(f"killed {delay:.2f} s after step {k} was logged ({steps_logged(save_dir)} logged); "
+          f"resuming from {resumed_from}")
     torchrun("-m solo.train", 2, cfg)
     assert_resumed_exactly(save_dir, reference)
 
@@ -402,7 +403,8 @@ def _corrupt(shards: Path, how: str) -> tuple[Path, bool]:
         other = shards / "text" / "shard-00001.tokens.idx"
         shutil.copy(other, f"{prefix}.tokens.idx")
         manifest_path = Path(f"{prefix}.json")
-        manifest, other_manifest = json.loads(manifest_path.read_text()), json.loads((shards / "text" / "shard-00001.json").read_text())
+        manifest = json.loads(manifest_path.read_text())
+        other_manifest = json.loads((shards / "text" / "shard-00001.json").read_text())
         manifest["files"]["shard-00003.tokens.idx"] = other_manifest["files"]["shard-00001.tokens.idx"]
         manifest_path.write_text(json.dumps(manifest))
     elif how == "idx_pointer_flipped":  # same size, only an offset into the .bin changes
