@@ -41,11 +41,12 @@ from solo.checkpoint import (
     CheckpointError,
     check_model_shape,
     check_stage_finished,
-    latest_checkpoint,
+    good_checkpoint_label,
     load_checkpoint,
     model_meta,
     read_meta,
     resolve_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from solo.config import ConfigError, ParallelConfig, TrainConfig, load_config
@@ -58,6 +59,7 @@ from solo.faults import inject_into_forward_step
 from solo.metrics import MetricsLogger, training_flops
 from solo.model import SOLOModel, build_model
 from solo.plan import check_fits, print_plan
+from solo.run_guard import guard_run
 from solo.tokenizer import TOKEN_IDS
 
 
@@ -92,12 +94,13 @@ class StopRequest:
 def train(cfg: TrainConfig) -> dict:
     p = cfg.parallel
     init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, seed=cfg.seed)
+    guard_run(cfg.save_dir)  # one run per save_dir; ranks die with torchrun
 
     # 1. Everything that can be wrong with the inputs is checked before any compute.
     gpu_bytes = torch.cuda.get_device_properties(device()).total_memory if torch.cuda.is_available() else None
     check_fits(cfg, gpu_bytes, dist.get_world_size())
     num_microbatches(cfg)
-    data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size)
+    data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size, cfg.model.vocab_size)
     resume, init = _checkpoints_to_load(cfg)
 
     # 2. Model, optimizer, schedule, and the state they start from.
@@ -123,7 +126,7 @@ def train(cfg: TrainConfig) -> dict:
             done = train_step(training, micro_batches, step)
             if done.fault:
                 if cfg.nonfinite_loss == "stop" or done.weights_touched:
-                    raise NonFiniteLoss(f"{done.fault}; stopping. The last good checkpoint is {last_saved}")
+                    raise NonFiniteLoss(f"{done.fault}; stopping. {good_checkpoint_label(last_saved)}")
                 log.info(f"{done.fault}; skipping this batch (nonfinite_loss=skip)")
             step += 1
             log.step(step, dataclasses.asdict(done.stats), lr=done.lr, grad_norm=done.grad_norm,
@@ -157,7 +160,7 @@ def num_microbatches(cfg: TrainConfig) -> int:
 
 def _checkpoints_to_load(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
     """(this run's latest checkpoint, or None; else the previous stage's `init_from`, or None), checked."""
-    resume = latest_checkpoint(cfg.save_dir)
+    resume = resume_checkpoint(cfg.save_dir)
     init = resolve_checkpoint(cfg.init_from) if (cfg.init_from and resume is None) else None
     for checkpoint in (resume, init):
         if checkpoint is not None:

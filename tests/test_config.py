@@ -4,6 +4,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,8 @@ AUTHORS_MIXTURES = {
 
 def test_mistral_shape_and_padded_vocab():
     m = MODEL_PRESETS["mistral-7b"]
-    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size) == (32, 4096, 32, 8, 14336)
+    shape = (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size)
+    assert shape == (32, 4096, 32, 8, 14336)
     assert m.vocab_size == 33031 and m.padded_vocab_size % 128 == 0 and m.padded_vocab_size >= 33031
 
 
@@ -128,4 +130,59 @@ def test_recompute_num_layers_alone_is_refused_with_the_key_to_set():
         load_config(CONFIGS / "stage1.yaml", ["recompute_granularity=selective"])
     cfg = load_config(CONFIGS / "stage1.yaml", ["recompute_granularity=selective", "recompute_num_layers=0"])
     assert cfg.recompute_granularity == "selective"
-    assert load_config(CONFIGS / "stage1.yaml", ["recompute_method=block", "recompute_num_layers=3"]).recompute_num_layers == 3
+    block = load_config(CONFIGS / "stage1.yaml", ["recompute_method=block", "recompute_num_layers=3"])
+    assert block.recompute_num_layers == 3
+
+
+# -- every field is checked before compute (issue 17, item 9) ----------------------------------
+
+@pytest.mark.parametrize("override", [
+    "optimizer.lr_decay_style=cosinus", "optimizer.lr_decay_style=WSD",  # WSD needs settings we do not have
+    "log_interval_steps=0", "save_interval_steps=0", "global_batch_size=0", "micro_batch_size=-1",
+    "model.num_layers=0", "model.hidden_size=0", "model.num_attention_heads=0", "model.num_query_groups=0",
+    "model.ffn_hidden_size=0", "model.vocab_size=0", "model.patch_size=0", "model.max_image_side=0",
+    "model.make_vocab_size_divisible_by=0", "model.max_position_embeddings=0", "model.norm_epsilon=0",
+    "model.rope_theta=-1", "model.init_method_std=0", "model.init_method_std=.nan",
+    "optimizer.lr=.inf", "optimizer.lr_warmup_steps=-1", "optimizer.weight_decay=-0.1", "optimizer.adam_beta1=1",
+    "optimizer.adam_beta2=-0.5", "optimizer.adam_eps=0", "optimizer.clip_grad=-1",
+    "data.seq_length_tokens=0", "data.seed=-1", "seed=-1", "train_steps=-1", "keep_checkpoints=-1",
+    "recompute_num_layers=-1", "recompute_num_layers=33", "save_dir=", "stage=", "wandb_mode=on",
+    "nonfinite_loss=ignore", "parallel.pipeline_parallel=0", "wandb_project=",
+])
+def test_every_bad_field_is_an_error_naming_its_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"(^|[ :]){key}\b") as error:
+        load_config(CONFIGS / "stage1.yaml", [override])
+    assert "stage1.yaml" in str(error.value)
+
+
+def test_model_shape_rules_and_source_names():
+    with pytest.raises(ConfigError, match="model.hidden_size=100 is not divisible by model.num_attention_heads=32"):
+        load_config(CONFIGS / "stage1.yaml", ["model.hidden_size=100"])
+    with pytest.raises(ConfigError, match="model.num_attention_heads=32 is not divisible by model.num_query_groups=6"):
+        load_config(CONFIGS / "stage1.yaml", ["model.num_query_groups=6", "parallel.tensor_parallel=1"])
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].name 'a' is used twice"):
+        config_from_dict({"data": {"sources": [{"name": "a", "path": "x", "fraction": 0.5},
+                                               {"name": "a", "path": "y", "fraction": 0.5}]}})
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].path='' must not be empty"):
+        config_from_dict({"data": {"sources": [{"name": "a", "path": "", "fraction": 1.0}]}})
+
+
+def test_every_numeric_and_choice_field_has_a_rule():
+    """A new field must be given a rule (or be named free on purpose) in solo.config.FIELD_RULES."""
+    from solo.config import FIELD_RULES, TrainConfig
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from leaves(hint, f"{prefix}{f.name}.")
+            elif typing.get_origin(hint) is tuple:
+                yield from leaves(typing.get_args(hint)[0], f"{prefix}{f.name}[].")
+            else:
+                yield f"{prefix}{f.name}", hint
+
+    from solo.config import DataSource  # noqa: F401 - resolved by get_type_hints
+
+    unruled = [key for key, hint in leaves(TrainConfig) if hint is not bool and key not in FIELD_RULES]
+    assert not unruled, f"fields without a validation rule: {unruled}"

@@ -177,7 +177,8 @@ def test_sigkill_at_a_random_point_then_restart_equals_an_uninterrupted_run(root
     output(proc)
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     resumed_from = latest(save_dir) if (save_dir / "latest").exists() else "scratch"
-    print(f"killed {delay:.2f} s after step {k} was logged ({steps_logged(save_dir)} logged); resuming from {resumed_from}")
+    print(f"killed {delay:.2f} s after step {k} was logged ({steps_logged(save_dir)} logged); "
+          f"resuming from {resumed_from}")
     torchrun("-m solo.train", 2, cfg)
     assert_resumed_exactly(save_dir, reference)
 
@@ -272,7 +273,7 @@ def test_disk_full_during_checkpoint_is_a_clear_error_and_a_rerun_completes(root
     assert "solo-train: error:" in log and "writing the checkpoint of step 4 failed" in log, log[-4000:]
     assert "disk full?" in log and "last complete checkpoint is " + str(save_dir / "iter_0000002") in log
     assert "Traceback" not in log.split("solo-train: error:")[0].split("saved")[-1]
-    assert sorted(p.name for p in save_dir.iterdir()) == ["iter_0000002", "latest", "metrics.jsonl"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [".solo-train.lock", "iter_0000002", "latest", "metrics.jsonl"]
     assert latest(save_dir) == "iter_0000002"
     assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
     resize_tmpfs(small_disk, "320m")
@@ -397,7 +398,8 @@ def _corrupt(shards: Path, how: str) -> tuple[Path, bool]:
         other = shards / "text" / "shard-00001.tokens.idx"
         shutil.copy(other, f"{prefix}.tokens.idx")
         manifest_path = Path(f"{prefix}.json")
-        manifest, other_manifest = json.loads(manifest_path.read_text()), json.loads((shards / "text" / "shard-00001.json").read_text())
+        manifest = json.loads(manifest_path.read_text())
+        other_manifest = json.loads((shards / "text" / "shard-00001.json").read_text())
         manifest["files"]["shard-00003.tokens.idx"] = other_manifest["files"]["shard-00001.tokens.idx"]
         manifest_path.write_text(json.dumps(manifest))
     elif how == "idx_pointer_flipped":  # same size, only an offset into the .bin changes
@@ -877,3 +879,275 @@ def test_a_small_zst_holding_a_huge_document_is_streamed_and_skipped(tmp_path):
     (tmp_path / "docs.jsonl.zst").write_bytes(data)
     peak_mb, outcomes = _peak_mb_and_outcomes("text", tmp_path / "docs.jsonl.zst")
     assert outcomes == ["1_documents", "document_too_large", "1_documents"] and peak_mb < 100, (peak_mb, outcomes)
+
+
+# -- 9. Issue 17: the training and checkpoint side ------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--tp", "0"],
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--tp", "-2"],
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--seed", "-1"],
+    ["solo-to-hf", "--checkpoint", "x", "--output", "y", "--max-shard-gb", "0"],
+])
+def test_solo_convert_refuses_non_positive_counts_before_reading_anything(args, capsys):
+    from solo.convert.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"solo-convert {args[0]}: error: argument {args[-2]}" in err, err
+
+
+def train_tp1(config_path: Path, *overrides: str, env: dict | None = None, timeout: float = 600):
+    """solo.train as one process (TP=1), as a user runs it on one machine. Output goes to files and
+    the process group is killed at the end: a SIGKILLed run leaves the checkpoint writer's
+    multiprocessing helpers behind, which would hold pipes open and outlive the test."""
+    env = {**ENV, "MASTER_PORT": str(free_port()), **(env or {})}
+    cmd = [sys.executable, "-m", "solo.train", str(config_path), "parallel.tensor_parallel=1", *overrides]
+    with open(config_path.with_suffix(f".{time.monotonic_ns()}.out"), "w+") as out, \
+            open(config_path.with_suffix(f".{time.monotonic_ns()}.err"), "w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+@pytest.fixture(scope="module")
+def four_steps(root) -> Path:
+    """A finished one-process run: checkpoints at steps 2 and 4 (the rollback and damage tests copy it)."""
+    save_dir = root / "runs" / "four-steps"
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert latest(save_dir) == "iter_0000004" and len(losses(save_dir)) == 4
+    return save_dir
+
+
+def copy_run(run: Path, to: Path, latest_name: str | None = None) -> Path:
+    shutil.copytree(run, to)
+    if latest_name is not None:
+        (to / "latest").write_text(latest_name + "\n")
+    return to
+
+
+@pytest.mark.distributed
+def test_rollback_with_keep_1_never_prunes_what_latest_names_and_resumes(root, four_steps, tmp_path):
+    """`latest` rolled back to step 2 while steps 4 exists, keep_checkpoints=1: the step-3 save must
+    survive its own pruning, so a crash at the next save leaves a run that resumes (issue 17, item 1)."""
+    save_dir = copy_run(four_steps, tmp_path / "run", "iter_0000002")
+    cfg = config(root, save_dir, train_steps=4, save_interval_steps=1, keep_checkpoints=1)
+    crashed = train_tp1(cfg, env={"SOLO_FAULT_INJECT": "crash_in_save@step=4"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-4000:]
+    assert latest(save_dir) == "iter_0000003" and (save_dir / "iter_0000003" / "solo_meta.json").is_file()
+    assert not (save_dir / "iter_0000002").exists()  # older than the new save: pruned
+    # Every file of the new checkpoint is recorded with its size and checksum (item 7).
+    record = json.loads((save_dir / "iter_0000003" / "checksums.json").read_text())
+    on_disk = {p.name: p.stat().st_size for p in (save_dir / "iter_0000003").iterdir() if p.name != "checksums.json"}
+    assert {name: f["bytes"] for name, f in record["files"].items()} == on_disk and ".metadata" in on_disk
+    resumed = train_tp1(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {save_dir / 'iter_0000003'}" in resumed.stdout
+    assert losses(save_dir) == losses(four_steps)
+
+
+@pytest.mark.distributed
+def test_missing_latest_resumes_from_the_newest_verified_checkpoint_and_says_so(root, four_steps, tmp_path):
+    """No `latest` beside iter_* folders (and the newest one damaged): never a silent restart from
+    random weights (item 1); a cut last line of metrics.jsonl is dropped with a log line (item 12)."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    (save_dir / "latest").unlink()
+    _flip_byte(save_dir / "iter_0000004" / "__0_0.distcp", 1000)
+    metrics = (save_dir / "metrics.jsonl").read_text()
+    (save_dir / "metrics.jsonl").write_text(metrics[:len(metrics) - 40])  # killed mid-write of step 4's row
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert f"{save_dir}: no `latest` pointer; resuming from the newest verified checkpoint iter_0000002" in out, out
+    assert "iter_0000004 is damaged" in out and "__0_0.distcp" in out, out
+    assert "metrics.jsonl: dropped a partial last line" in out, out
+    assert "random init" not in out and losses(save_dir) == losses(four_steps)
+
+
+def _craft_metadata_pickle(checkpoint: Path) -> None:
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("open('/tmp/pwned', 'w')",))
+
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    record_path = checkpoint / "checksums.json"  # re-recorded: only the unpickler can refuse it now
+    if record_path.exists():
+        from solo.fileio import checksum_file
+
+        record = json.loads(record_path.read_text())
+        record["files"][".metadata"] = {"bytes": (checkpoint / ".metadata").stat().st_size,
+                                        "xxh3_128": checksum_file(checkpoint / ".metadata")}
+        record_path.write_text(json.dumps(record))
+
+
+DAMAGE = {
+    "flipped_distcp": (lambda c: _flip_byte(c / "__0_1.distcp", 4096), "__0_1.distcp does not match its checksum"),
+    "truncated_distcp": (lambda c: (c / "__0_0.distcp").write_bytes((c / "__0_0.distcp").read_bytes()[:-999]),
+                         "__0_0.distcp has"),
+    "missing_metadata": (lambda c: (c / ".metadata").unlink(), ".metadata is missing"),
+    "crafted_pickle": (_craft_metadata_pickle, "refusing to unpickle builtins.exec"),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_checkpoint_at_resume_is_one_error_line_exit_2(root, four_steps, tmp_path, damage):
+    """Items 7 and 11: verified at load (size and xxh3 of every file), any other load failure
+    becomes one `solo-train: error:` line naming the checkpoint."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    damage_fn, message = DAMAGE[damage]
+    damage_fn(save_dir / "iter_0000004")
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("solo-train: error:")]
+    assert len(errors) == 1 and str(save_dir / "iter_0000004") in errors[0], proc.stderr[-3000:]
+    assert message in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr and not Path("/tmp/pwned").exists()
+
+
+@pytest.mark.distributed
+def test_truncated_solo_meta_is_an_error_naming_the_file(root, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    meta = save_dir / "iter_0000004" / "solo_meta.json"
+    meta.write_text(meta.read_text()[:50])
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"solo-train: error: {meta}: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_rerunning_a_finished_stage_keeps_its_result(root, four_steps, tmp_path):
+    """Item 14: the rerun of a finished stage says so, exits 0 and leaves result.json as it was."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    before = (save_dir / "result.json").read_bytes()
+    assert len(json.loads(before)["losses"]) == 4
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "already finished at step 4 of 4" in proc.stdout, proc.stdout[-3000:]
+    assert (save_dir / "result.json").read_bytes() == before
+
+
+@pytest.mark.distributed
+def test_nonfinite_stop_names_no_unverified_checkpoint_as_good(root, four_steps, tmp_path):
+    """Item 7: a checkpoint without a checksum record (written before they existed) loads with a
+    warning, and is not called "the last good checkpoint"."""
+    save_dir = copy_run(four_steps, tmp_path / "run", "iter_0000002")
+    (save_dir / "iter_0000002" / "checksums.json").unlink()
+    proc = train_tp1(config(root, save_dir, train_steps=4), env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=3"})
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert f"{save_dir / 'iter_0000002'} has no checksums.json: loaded unverified" in proc.stdout, proc.stdout[-3000:]
+    assert "stopping. No verified checkpoint to go back to" in proc.stderr, proc.stderr[-3000:]
+
+
+def _stage_data(shards: Path, **data_overrides):
+    from solo.config import DataConfig, DataSource
+    from solo.data.dataset import StageData
+
+    data = DataConfig(sources=(DataSource("images", str(shards / "images"), 0.7),
+                               DataSource("text", str(shards / "text"), 0.3)), seq_length_tokens=256, **data_overrides)
+    return lambda **kw: StageData(data, global_batch_size=4, train_steps=STEPS, patch_size=32, **kw)
+
+
+def test_an_unfinished_shard_folder_is_refused_unless_allowed(root, tmp_path):
+    """Item 5: a folder manifest saying `complete: false` (a killed solo-preprocess)."""
+    from solo.data.shards import ShardError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    manifest = json.loads((shards / "text" / "manifest.json").read_text())
+    (shards / "text" / "manifest.json").write_text(json.dumps(
+        {**manifest, "shards_planned": 30, "shards_complete": 14, "complete": False}))
+    with pytest.raises(ShardError, match=re.escape(f"data source 'text': {shards / 'text'} is unfinished "
+                                                   "(14 of 30 shards complete")) as error:
+        _stage_data(shards)()
+    assert "data.allow_incomplete=true" in str(error.value)
+    assert _stage_data(shards, allow_incomplete=True)().sources[1].shards == manifest["shards"]
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_token_ids_beyond_the_model_vocabulary_are_refused_before_compute(root, tmp_path, recorded):
+    """Item 6: from the shard manifest's `token_id_range` when solo-preprocess recorded it, else
+    from the tokens themselves."""
+    from solo.data.shards import ShardError, list_shards, open_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    for p in list_shards(shards / "text") + list_shards(shards / "images"):
+        if recorded:  # as solo-preprocess records it
+            path = Path(f"{p}.json")
+            ids = np.concatenate([s.tokens for s in map(open_shard(p).sample, range(len(open_shard(p))))])
+            path.write_text(json.dumps({**json.loads(path.read_text()),
+                                        "token_id_range": [int(ids.min()), int(ids.max())]}))
+    build = _stage_data(shards)
+    build(vocab_size=33031)  # the tokenizer's vocabulary: fine
+    with pytest.raises(ShardError) as error:
+        build(vocab_size=10)
+    message = str(error.value)
+    assert "model.vocab_size=10" in message and "token ids up to" in message and str(shards) in message, message
+
+
+@pytest.mark.distributed
+def test_a_second_job_on_the_save_dir_is_refused_and_ranks_die_with_their_launcher(root, tmp_path):
+    """Item 10: the save_dir lock names its holder; SIGKILL of torchrun alone (not its process
+    group) takes the ranks down within seconds, and they write no further checkpoint."""
+    import fcntl
+
+    save_dir = tmp_path / "run"
+    cfg = config(root, save_dir, train_steps=40, save_interval_steps=1, keep_checkpoints=2)
+    job = launch(cfg)
+    try:
+        wait_for_steps(job, save_dir, 1)
+        ranks = psutil.Process(job.pid).children()
+        assert len(ranks) == 2
+        second = train_tp1(cfg, timeout=180)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert re.search(rf"solo-train: error: {re.escape(str(save_dir))} is in use by another run "
+                         rf"\(pid \d+ on {re.escape(os.uname().nodename)}", second.stderr), second.stderr[-3000:]
+        job.kill()  # torchrun alone: its ranks lose their launcher
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, f"ranks {[p.pid for p in alive]} outlived their launcher"
+        written = sorted(p.name for p in save_dir.iterdir())
+        time.sleep(2)
+        assert sorted(p.name for p in save_dir.iterdir()) == written
+        with open(save_dir / ".solo-train.lock", "a") as lock:  # released with its holder
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        for rank in psutil.Process().children(recursive=True):
+            rank.kill()
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_launch_script_saves_and_it_exits_0(root):
+    """Item 17: torchrun exits 1 after a SIGTERM of its own even when every rank saved and exited 0
+    (and kills ranks still saving 30 s after it). scripts/pretrain.sh hands a SIGTERM to the ranks
+    instead, so the clean stop is exit 0 and the save has all the time it needs."""
+    save_dir = root / "runs" / "sigterm-script"
+    cfg = config(root, save_dir, save_interval_steps=100)
+    log = open(cfg.with_suffix(".term.log"), "w+")
+    proc = subprocess.Popen(["bash", "scripts/pretrain.sh", str(cfg)], cwd=Path(__file__).parent.parent,
+                            env={**ENV, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    wait_for_steps(proc, save_dir, 2)
+    proc.send_signal(signal.SIGTERM)  # the launch script alone, as `scancel --signal=TERM --batch` does
+    out = output(proc)
+    stopped = re.search(r"stop requested \(SIGTERM\): saved step (\d+), exiting", out)
+    assert stopped, out[-4000:]
+    assert proc.returncode == 0, out[-4000:]
+    assert json.loads((save_dir / "result.json").read_text())["preempted"] is True
+    assert latest(save_dir) == f"iter_{int(stopped.group(1)):07d}"
