@@ -255,6 +255,8 @@ FIELD_RULES: dict[str, Rule] = {
     "micro_batch_size": POSITIVE,
     "precision": one_of("bf16", "fp32"),
     "recompute_num_layers": NON_NEGATIVE,
+    "recompute_granularity": one_of("none", "full", "selective"),
+    "recompute_method": one_of("uniform", "block"),
     "init_from": FREE,  # resolved (and refused if it is no checkpoint) before compute
     "save_dir": NON_EMPTY,  # empty would write checkpoints into the current folder
     "save_interval_steps": POSITIVE,
