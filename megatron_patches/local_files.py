@@ -18,6 +18,3 @@ def apply() -> None:
     """Idempotent: megatron-core reads the flag at every open."""
     MultiStorageClientFeature.disable()
 
-
-def is_applied() -> bool:
-    return not MultiStorageClientFeature.is_enabled()

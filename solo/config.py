@@ -401,6 +401,3 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
 
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

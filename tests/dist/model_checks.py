@@ -160,7 +160,7 @@ def check_single(args):
         results["packed_vs_alone_max_diff"] = max(
             float((logits(model, collate([PackedSample.of_documents([d])], seq), "local")[0][:n]
                    - ref[bounds[i]:bounds[i + 1]]).abs().max())
-            for i, (d, n) in enumerate(zip(docs, lengths))
+            for i, (d, n) in enumerate(zip(docs, lengths, strict=True))
         )
         # FlexAttention backend (CPU eager) against the block-diagonal mask.
         flex = build_model(MODEL, ParallelConfig(), backend="flex")
