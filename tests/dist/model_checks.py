@@ -114,13 +114,13 @@ def check_recompute(args):
 
 def altered(doc, tokens=True, pixels=True):
     """The same document at the same length: its text reversed and/or its pixels inverted."""
-    t, l, p = doc
+    t, mask, p = doc
     t = list(t)
     if tokens:  # text positions carry loss; the first (<s>) and last (</s>) stay
-        text = [i for i in range(1, len(t) - 1) if l[i]]
-        for i, v in zip(text, [t[i] for i in text][::-1]):
+        text = [i for i in range(1, len(t) - 1) if mask[i]]
+        for i, v in zip(text, [t[i] for i in text][::-1], strict=True):
             t[i] = v
-    return t, l, (255 - p if pixels and p is not None else p)
+    return t, mask, (255 - p if pixels and p is not None else p)
 
 
 def all_grads(model):
