@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,16 +34,10 @@ from solo.data.batch import attention_inputs, collate  # noqa: E402
 from solo.data.shards import PackedSample  # noqa: E402
 from solo.distributed import destroy_distributed, device, init_distributed  # noqa: E402
 from solo.model import build_model  # noqa: E402
-from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
+from solo.tokenizer import SP_VOCAB_SIZE, TOKEN_IDS  # noqa: E402
 from solo.vision import image_token_ids  # noqa: E402
 
-# The ids SOLOTokenizer would give, without loading its sentencepiece model.
-IDS = SimpleNamespace(
-    bos_id=1, eos_id=2, pad_id=0,
-    **{name: SP_VOCAB_SIZE + SPECIAL_TOKENS.index(tok) for name, tok in [
-        ("vision_start_id", "<vision>"), ("patch_id", "<vpatch>"),
-        ("row_sep_id", "<vrow_sep>"), ("vision_end_id", "</vision>")]},
-)
+IDS = TOKEN_IDS  # the ids SOLOTokenizer gives, without loading its sentencepiece model
 
 MODEL = ModelConfig(preset="tiny", num_layers=2, hidden_size=256, num_attention_heads=4,
                     num_query_groups=2, ffn_hidden_size=512, patch_size=32)

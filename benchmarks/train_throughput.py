@@ -41,15 +41,10 @@ from solo.config import MODEL_PRESETS, ModelConfig, ParallelConfig  # noqa: E402
 from solo.data.batch import attention_inputs, collate  # noqa: E402
 from solo.distributed import destroy_distributed, device, init_distributed  # noqa: E402
 from solo.model import SOLOModel, transformer_config  # noqa: E402
-from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
+from solo.tokenizer import SP_VOCAB_SIZE, TOKEN_IDS  # noqa: E402
 from solo.vision import image_token_ids  # noqa: E402
 
-IDS = SimpleNamespace(
-    bos_id=1, eos_id=2, pad_id=0,
-    **{name: SP_VOCAB_SIZE + SPECIAL_TOKENS.index(tok) for name, tok in [
-        ("vision_start_id", "<vision>"), ("patch_id", "<vpatch>"),
-        ("row_sep_id", "<vrow_sep>"), ("vision_end_id", "</vision>")]},
-)
+IDS = TOKEN_IDS  # the ids SOLOTokenizer gives, without loading its sentencepiece model
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 BASELINE_TOKENS_PER_GPU = 20_000 / 8  # SOLO paper: 20K tokens/s on 8 x A100 (7B)
 FULL_LAYERS = 32

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from solo.templates import TEMPLATES
+from solo.tokenizer import VOCAB_SIZE
+
 
 class ConfigError(ValueError):
     pass
@@ -34,7 +37,7 @@ class ModelConfig:
     ffn_hidden_size: int = 172
     norm_epsilon: float = 1e-5
     rope_theta: float = 10000.0
-    vocab_size: int = 33031  # Mistral 32000 + SOLO special tokens, before padding
+    vocab_size: int = VOCAB_SIZE  # Mistral sentencepiece + SOLO special tokens, before padding
     # Unlike Megatron-LM (which pads to a multiple of this times TP) the padded vocabulary is the
     # same for every TP size, so a checkpoint reshards across TP and TP sizes give equal losses.
     make_vocab_size_divisible_by: int = 128
@@ -105,6 +108,9 @@ class DataConfig:
     seq_length_tokens: int = 32768
     seed: int = 1234
     verify_checksums: bool = False
+    # The template the stage's supervised (sft) shards are laid out in (solo.templates); every sft
+    # shard must say the same in its manifest. "plain": the stage has no supervised data.
+    template: str = "plain"
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,8 @@ class TrainConfig:
             (m.padded_vocab_size % p.tensor_parallel == 0, f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"),
             (m.max_image_side % m.patch_size == 0, "model.max_image_side must be a multiple of model.patch_size"),
             (self.data.seq_length_tokens > 0, "data.seq_length_tokens must be positive"),
+            (self.data.template in TEMPLATES,
+             f"data.template must be one of {sorted(TEMPLATES)}, got {self.data.template!r}"),
             (not p.sequence_parallel or p.tensor_parallel > 1, "parallel.sequence_parallel needs tensor_parallel > 1"),
         ]
         for ok, message in checks:

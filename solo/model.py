@@ -25,11 +25,11 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 
 from solo.config import ModelConfig, ParallelConfig
-from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
+from solo.tokenizer import TOKEN_IDS
 from solo.vision import IMAGENET_MEAN, IMAGENET_STD
 
 BACKENDS = ("local", "flex", "te")
-PATCH_ID = SP_VOCAB_SIZE + SPECIAL_TOKENS.index("<vpatch>")  # 32001
+PATCH_ID = TOKEN_IDS.patch_id
 
 
 def normalize_patches(patches: torch.Tensor) -> torch.Tensor:

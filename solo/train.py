@@ -44,7 +44,7 @@ from solo.data.shards import ShardError
 from solo.distributed import destroy_distributed, device, init_distributed
 from solo.metrics import MetricsLogger, training_flops
 from solo.model import build_model
-from solo.tokenizer import SOLOTokenizer
+from solo.tokenizer import TOKEN_IDS
 
 
 class NonFiniteLoss(RuntimeError):
@@ -102,7 +102,7 @@ def train(cfg: TrainConfig) -> dict:
             check_model_shape(checkpoint, cfg.model)
     if init is not None:
         check_stage_finished(cfg.init_from, init)
-    pad_id = SOLOTokenizer.default().pad_id
+    pad_id = TOKEN_IDS.pad_id  # fixed: no sentencepiece model is loaded to learn it
 
     # 2. Model, optimizer, schedule.
     model = build_model(cfg.model, p, bf16=bf16, recompute_num_layers=cfg.recompute_num_layers)
@@ -159,7 +159,8 @@ def train(cfg: TrainConfig) -> dict:
     stop = StopRequest()
     forward_backward = get_forward_backward_func()
     microbatches = cfg.global_batch_size // (dp_size * cfg.micro_batch_size)
-    meta = model_meta(cfg.model, layout, stage=cfg.stage, train_steps=steps, config=dataclasses.asdict(cfg))
+    meta = model_meta(cfg.model, layout, template=cfg.data.template, stage=cfg.stage, train_steps=steps,
+                      config=dataclasses.asdict(cfg))
     last_saved = resume
     result = {"stage": cfg.stage, "steps": steps, "losses": []}
     prefetch = StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, pad_id)

@@ -22,6 +22,7 @@ from megatron.core.datasets.utils import Split
 
 from solo.config import DataConfig
 from solo.data.shards import Shard, ShardError, list_shards, open_shard
+from solo.templates import get_template
 
 logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
 
@@ -83,12 +84,14 @@ class StageData:
             shards = [open_shard(p, verify_checksum=data.verify_checksums) for p in prefixes]
             for prefix, shard in zip(prefixes, shards):
                 _check_compatible(prefix, shard.manifest, data.seq_length_tokens, patch_size)
+                _check_template(prefix, shard.manifest, data.template)
             opened.append((source, prefixes, shards))
             self.sources.append(SourceSummary(source.name, len(shards), sum(len(s) for s in shards), source.fraction))
         self.samples_per_epoch = sum(s.samples for s in self.sources)
         self.global_batch_size = global_batch_size
         self.train_steps = train_steps or math.ceil(self.samples_per_epoch / global_batch_size)
         self.seq_length = data.seq_length_tokens
+        self.stop_id = get_template(data.template).stop_id  # carries loss in collate
         size = self.train_steps * global_batch_size
         datasets, weights = [], []
         for (source, prefixes, shards), summary in zip(opened, self.sources):
@@ -141,3 +144,19 @@ def _check_compatible(prefix: str, manifest: dict, seq_length: int, patch_size: 
         raise ShardError(
             f"{prefix}: patches of size {manifest.get('patch_size')}, the model uses patch_size={patch_size}"
         )
+
+
+def _check_template(prefix: str, manifest: dict, template: str) -> None:
+    """Supervised shards must be in the stage's template; the others are "plain" by construction.
+    One template per stage, so a mix is refused too (each shard is compared with the config)."""
+    source = manifest.get("source")
+    if not (isinstance(source, dict) and source.get("kind") == "sft"):
+        return
+    recorded = manifest.get("template")
+    if recorded is None:
+        raise ShardError(f"{prefix}: supervised shard without a recorded template (made before templates "
+                         f"were recorded: chatml, no loss on <|im_end|>); re-run solo-preprocess sft --template ...")
+    if recorded != template:
+        raise ShardError(f"{prefix}: supervised shard laid out in template {recorded!r}, the stage config says "
+                         f"data.template={template!r}; re-run solo-preprocess sft --template {template} or set "
+                         f"data.template={recorded}")

@@ -4,7 +4,7 @@
     solo-preprocess imagenet --input 21k/ --synsets wnids.txt --lemmas lemmas.txt --output ...
     solo-preprocess captions --input 'cc3m/*.tar' --output shards/cc3m
     solo-preprocess html     --input 'websight/*.parquet' --output shards/websight
-    solo-preprocess sft      --input llava.json --images llava/images --output shards/llava
+    solo-preprocess sft      --input llava.json --images llava/images --output shards/llava [--template chatml]
     solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama
     solo-preprocess stats shards/cc3m [--per-shard]
 
@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from solo.preprocess.formats import STREAM_SUFFIXES, InputError, stream_format
+from solo.templates import SFT_TEMPLATES
 
 # Records per shard: enough tokens per shard that the last, partly filled sample costs < 1% at
 # seq_length 32768 (e.g. 8192 ImageNet images of ~300 tokens = 75 samples), few enough that a
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", parents=[common], help="LLaVA-style conversation JSON")
     p.add_argument("--input", required=True, help="JSON list of {id, image, conversations}")
     p.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
+    p.add_argument("--template", default="solo-inst", choices=SFT_TEMPLATES,
+                   help="conversation layout (solo.templates): solo-inst, the released SOLO-7B's [INST] layout "
+                        "(default), or chatml")
     p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = SOLOTokenizer(args.tokenizer) if args.tokenizer else SOLOTokenizer.default()
         options = Options(args.seq_length, args.patch_size, args.max_side, args.seed,
                           args.shard_size or DEFAULT_SHARD_SIZE[args.command])
-        layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side)
+        layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side,
+                        template=args.template if args.command == "sft" else "plain")
         run(source, layout, options, Path(args.output), args.workers)
     except (InputError, UsageError, ShardError) as e:
         print(f"solo-preprocess: error: {e}{_disk_full(getattr(e, 'errno', None))}", file=sys.stderr)

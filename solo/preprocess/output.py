@@ -18,6 +18,7 @@ from pathlib import Path
 
 from solo.data.shards import FORMAT_VERSION, fsync_dir, write_json_atomic
 from solo.preprocess import __version__
+from solo.preprocess.documents import template_of
 
 
 class UsageError(ValueError):
@@ -43,7 +44,7 @@ def spec_of(source, layout, options) -> tuple[dict, str]:
     with open(layout.tokenizer.model_file, "rb") as f:
         tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
     spec = {"tool_version": __version__, "format_version": FORMAT_VERSION, "source": source.spec(),
-            "tokenizer_sha256": tokenizer_sha, **asdict(options)}
+            "tokenizer_sha256": tokenizer_sha, "template": template_of(source.kind, layout), **asdict(options)}
     return spec, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 

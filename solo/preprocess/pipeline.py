@@ -32,7 +32,7 @@ import numpy as np
 
 from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
 from solo.preprocess import __version__, output
-from solo.preprocess.documents import Document, Layout, Skip, build
+from solo.preprocess.documents import Document, Layout, Skip, build, template_of
 from solo.preprocess.packing import pack
 from solo.preprocess.sources import ShardTask
 
@@ -139,7 +139,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
         manifest = writer.finish({
             "tool": "solo-preprocess", "tool_version": __version__, "shard": task.index,
             "shards_planned": shards_planned, "source": {"kind": spec_kind, "input": source.input, **task.description},
-            "spec_sha256": spec_sha, **asdict(options),
+            "spec_sha256": spec_sha, "template": template_of(spec_kind, layout), **asdict(options),
             "counts": {"records": counts["records"], "documents": counts["documents"],
                        "truncated": counts["truncated"]},
             "skipped": dict(sorted(skipped.items())),
