@@ -179,6 +179,11 @@ class SOLOTokenizer:
             return self._special_by_id[token_id - SP_VOCAB_SIZE]
         return self._sp.id_to_piece(token_id)
 
+    def piece_score(self, token_id: int) -> float:
+        """sentencepiece's score of a piece (its BPE merge priority); 0 for the SOLO ids."""
+        self._check_id(token_id)
+        return self._sp.get_score(token_id) if token_id < SP_VOCAB_SIZE else 0.0
+
     def special_tokens_json(self) -> str:
         """The appended tokens as HF `added_tokens` entries (for tokenizer.json / the export)."""
         entries = [
