@@ -35,6 +35,7 @@ from solo.preprocess import __version__, output
 from solo.preprocess.documents import Document, Layout, Skip, build, template_of
 from solo.preprocess.packing import pack
 from solo.preprocess.sources import ShardTask
+from solo.templates import get_template
 
 log = logging.getLogger("solo.preprocess")
 
@@ -97,7 +98,8 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
                 spec_kind: str, shards_planned: int, progress=lambda records, tokens: None) -> dict:
     """Read, build, pack and write shard `task.index`; returns its manifest."""
     prefix = shard_prefix(out, task.index)
-    writer = ShardWriter(prefix, options.patch_size, options.seq_length)
+    writer = ShardWriter(prefix, options.patch_size, options.seq_length,
+                         stop_id=get_template(template_of(spec_kind, layout)).stop_id)
     spill = _Spill(out / f".tmp-{prefix.name}.spill")
     try:
         docs: list[tuple[np.ndarray, np.ndarray, list]] = []
