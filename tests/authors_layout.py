@@ -81,7 +81,8 @@ def sft(tokenizer, values: list[str], rows: int = 0, cols: int = 0) -> tuple[lis
 def prompt(tokenizer, text: str, rows: int = 0, cols: int = 0) -> tuple[list[int], list[int]]:
     """(ids, patch indices) of the demo's generation prompt."""
     ids, indices = image_tokens(tokenizer, rows, cols) if rows else ([], [])
-    text_ids = tokenizer(tokenizer.bos_token + f"{B_INST} {text.strip()} {E_INST}", add_special_tokens=False)["input_ids"]
+    text = tokenizer.bos_token + f"{B_INST} {text.strip()} {E_INST}"
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + text_ids, indices + [-1] * len(text_ids)
 
 

@@ -2,14 +2,9 @@
 
 The heavy lifting is ours and is exactly what training used: `solo.vision` (PIL resize rule,
 row-major patches, ImageNet normalization), `solo.tokenizer` (sentencepiece + SOLO ids) and
-`solo.templates` (the prompt layout, ending where the model's answer begins):
-
-    plain      <s> <vision> row 0 <vrow_sep> row 1 ... row h-1 </vision> prompt
-    solo-inst  <vision> row 0 <vrow_sep> ... row h-1 <vision> <s>[INST] prompt [/INST]
-    chatml     <s> <|im_start|>user\n IMAGE \nprompt<|im_end|>\n<|im_start|>assistant\n
-
-The processor's template is the one its model was trained on (recorded in the export); a call may
-ask for another.
+`solo.templates` (the prompt layout, `plain`, `solo-inst` or `chatml`, ending where the model's
+answer begins; `plain` is the pretraining layout, the prompt after the image). The processor's
+template is the one its model was trained on (recorded in the export); a call may ask for another.
 
 `pixel_values` are the normalized patches in that order, each flattened in Fuyu's
 (row, column, channel) order, which the export's `vision_embed_tokens` expects (see

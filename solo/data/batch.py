@@ -5,9 +5,10 @@ back to back. Here it becomes model inputs: labels shifted by one, a loss mask t
 document boundary nor predicts an id >= 32000 but the template's stop id (docs/design.md "Loss"),
 position ids that restart at each document, the document boundaries as cumulative lengths, and the
 raw uint8 patches in the order their `<vpatch>` tokens appear (SOLOModel normalizes them on its
-device: a quarter of the bytes of float32 to copy and to move, and no CPU pass over them). `attention_inputs` turns the boundaries
-into what the chosen attention backend needs: a block-diagonal causal mask (CPU, local spec) or
-megatron-core `PackedSeqParams` (FlexAttention or TransformerEngine THD).
+device: a quarter of the bytes of float32 to copy and to move, and no CPU pass over them).
+`attention_inputs` turns the boundaries into what the chosen attention backend needs: a
+block-diagonal causal mask (CPU, local spec) or megatron-core `PackedSeqParams` (FlexAttention or
+TransformerEngine THD).
 """
 
 from __future__ import annotations
