@@ -109,3 +109,12 @@ def test_bad_conversations_are_template_errors():
         get_template("plain").check([Turn("user", "Hi"), Turn("assistant", "Hello")], False)
     with pytest.raises(ValueError, match="unknown template"):
         get_template("llava")
+
+
+def test_stage_config_names_a_known_template():
+    from solo.config import ConfigError, config_from_dict
+
+    assert config_from_dict({}).data.template == "plain"
+    assert config_from_dict({}, ["data.template=solo-inst"]).data.template == "solo-inst"
+    with pytest.raises(ConfigError, match="data.template must be one of .* got 'llava'"):
+        config_from_dict({"data": {"template": "llava"}})
