@@ -359,5 +359,7 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1][:300]}"
 
 
-def model_meta(model_config: ModelConfig, parallel: dict, **extra) -> dict:
-    return {"model": dataclasses.asdict(model_config), "parallel": parallel, **extra}
+def model_meta(model_config: ModelConfig, parallel: dict, template: str = "plain", **extra) -> dict:
+    """`template`: the prompt template the weights were last trained on (solo.templates); the
+    export records it and solo-generate uses it by default."""
+    return {"model": dataclasses.asdict(model_config), "parallel": parallel, "template": template, **extra}

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from solo.templates import TEMPLATES
+from solo.tokenizer import VOCAB_SIZE
+
 
 class ConfigError(ValueError):
     pass
@@ -36,7 +39,7 @@ class ModelConfig:
     ffn_hidden_size: int = 172
     norm_epsilon: float = 1e-5
     rope_theta: float = 10000.0
-    vocab_size: int = 33031  # Mistral 32000 + SOLO special tokens, before padding
+    vocab_size: int = VOCAB_SIZE  # Mistral sentencepiece + SOLO special tokens, before padding
     # Unlike Megatron-LM (which pads to a multiple of this times TP) the padded vocabulary is the
     # same for every TP size, so a checkpoint reshards across TP and TP sizes give equal losses.
     make_vocab_size_divisible_by: int = 128
@@ -110,6 +113,9 @@ class DataConfig:
     # A shard folder whose manifest.json says `complete: false` (solo-preprocess stopped before its
     # last shard) is refused unless this is true; then its complete shards are used.
     allow_incomplete: bool = False
+    # The template the stage's supervised (sft) shards are laid out in (solo.templates); every sft
+    # shard must say the same in its manifest. "plain": the stage has no supervised data.
+    template: str = "plain"
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,7 @@ FIELD_RULES: dict[str, Rule] = {
     "data.sources[].fraction": POSITIVE,
     "data.seq_length_tokens": POSITIVE,
     "data.seed": NON_NEGATIVE,  # numpy's seeded generators refuse negative seeds
+    "data.template": one_of(*sorted(TEMPLATES)),
     "train_steps": NON_NEGATIVE,  # 0: one epoch
     "global_batch_size": POSITIVE,
     "micro_batch_size": POSITIVE,

@@ -123,7 +123,8 @@ def solo_generate(hf: Path, inputs: Path, photos: dict) -> list[dict]:
     """What a user runs: the `solo-generate` command on the exported model, one photograph each."""
     rows = []
     for k, (file, (label, _)) in enumerate(photos.items()):
-        cmd = ["solo-generate", "--model", str(hf), "--image", str(first_image(inputs, k)), "--max-new-tokens", "16"]
+        cmd = ["solo-generate", "--model", str(hf), "--image", str(first_image(inputs, k)), "--max-new-tokens", "16",
+               "--template", "plain"]  # the photograph alone, as in pretraining
         print("$ " + " ".join(cmd), flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         text = subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True).stdout.strip()

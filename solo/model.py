@@ -28,11 +28,11 @@ from megatron.core.transformer import TransformerConfig
 
 from solo.config import ModelConfig, ParallelConfig
 from solo.layers import FlexDocumentAttention, SequenceParallelTorchNorm
-from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
+from solo.tokenizer import TOKEN_IDS
 from solo.vision import IMAGENET_MEAN, IMAGENET_STD
 
 BACKENDS = ("local", "flex", "te")
-PATCH_ID = SP_VOCAB_SIZE + SPECIAL_TOKENS.index("<vpatch>")  # 32001
+PATCH_ID = TOKEN_IDS.patch_id
 
 
 def normalize_patches(patches: torch.Tensor) -> torch.Tensor:

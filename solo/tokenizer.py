@@ -50,6 +50,8 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|im_start|>",
     "<|im_end|>",
 )
+VOCAB_SIZE = SP_VOCAB_SIZE + len(SPECIAL_TOKENS)  # 33,031: every real id (the model pads beyond it)
+
 
 
 def special_id(token: str) -> int:
@@ -59,7 +61,8 @@ def special_id(token: str) -> int:
 
 @dataclass(frozen=True)
 class TokenIds:
-    """The fixed ids, for code that must not load sentencepiece to know them (training, benchmarks)."""
+    """The fixed ids, for code that must not load sentencepiece to know them (training, benchmarks).
+    `SOLOTokenizer` checks its model file against the first three."""
 
     unk_id: int = 0
     bos_id: int = 1
@@ -75,6 +78,7 @@ class TokenIds:
     vision_end_id: int = special_id("</vision>")
     im_start_id: int = special_id("<|im_start|>")
     im_end_id: int = special_id("<|im_end|>")
+    first_special_id: int = SP_VOCAB_SIZE
 
 
 TOKEN_IDS = TokenIds()
@@ -118,6 +122,10 @@ class SOLOTokenizer:
                 f"{self.model_file}: expected the Mistral-7B-v0.1 model with {SP_VOCAB_SIZE} "
                 f"pieces, got {self._sp.get_piece_size()}"
             )
+        control = (self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
+        if control != (TOKEN_IDS.unk_id, TOKEN_IDS.bos_id, TOKEN_IDS.eos_id):
+            raise ValueError(f"{self.model_file}: <unk>, <s>, </s> have ids {control}, SOLO expects "
+                             f"{(TOKEN_IDS.unk_id, TOKEN_IDS.bos_id, TOKEN_IDS.eos_id)} (Mistral-7B-v0.1's)")
         self._sp_no_prefix = _without_dummy_prefix(model_proto)
         self.special_tokens: dict[str, int] = {
             tok: SP_VOCAB_SIZE + i for i, tok in enumerate(SPECIAL_TOKENS)
@@ -139,31 +147,20 @@ class SOLOTokenizer:
     @property
     def vocab_size(self) -> int:
         """33,031: every real id. The embedding table is padded beyond this by the model."""
-        return SP_VOCAB_SIZE + len(SPECIAL_TOKENS)
+        return VOCAB_SIZE
 
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
-
-    @property
-    def pad_id(self) -> int:
-        return TOKEN_IDS.pad_id
-
-    vision_start_id = property(lambda self: self.special_tokens["<vision>"])
-    patch_id = property(lambda self: self.special_tokens["<vpatch>"])
-    row_sep_id = property(lambda self: self.special_tokens["<vrow_sep>"])
-    frame_sep_id = property(lambda self: self.special_tokens["<vframe_sep>"])
-    vision_end_id = property(lambda self: self.special_tokens["</vision>"])
-    im_start_id = property(lambda self: self.special_tokens["<|im_start|>"])
-    im_end_id = property(lambda self: self.special_tokens["<|im_end|>"])
+    # The fixed ids (checked against the model file in `_load`).
+    bos_id = TOKEN_IDS.bos_id
+    eos_id = TOKEN_IDS.eos_id
+    unk_id = TOKEN_IDS.unk_id
+    pad_id = TOKEN_IDS.pad_id
+    vision_start_id = TOKEN_IDS.vision_start_id
+    patch_id = TOKEN_IDS.patch_id
+    row_sep_id = TOKEN_IDS.row_sep_id
+    frame_sep_id = TOKEN_IDS.frame_sep_id
+    vision_end_id = TOKEN_IDS.vision_end_id
+    im_start_id = TOKEN_IDS.im_start_id
+    im_end_id = TOKEN_IDS.im_end_id
 
     @property
     def loc_ids(self) -> list[int]:
@@ -177,13 +174,18 @@ class SOLOTokenizer:
         return self.special_tokens[f"<loc_{k}>"]
 
     def is_special(self, token_id: int) -> bool:
-        return SP_VOCAB_SIZE <= token_id < self.vocab_size
+        return SP_VOCAB_SIZE <= token_id < VOCAB_SIZE
 
     def id_to_piece(self, token_id: int) -> str:
         self._check_id(token_id)
         if token_id >= SP_VOCAB_SIZE:
             return self._special_by_id[token_id - SP_VOCAB_SIZE]
         return self._sp.id_to_piece(token_id)
+
+    def piece_score(self, token_id: int) -> float:
+        """sentencepiece's score of a piece (its BPE merge priority); 0 for the SOLO ids."""
+        self._check_id(token_id)
+        return self._sp.get_score(token_id) if token_id < SP_VOCAB_SIZE else 0.0
 
     def special_tokens_json(self) -> str:
         """The appended tokens as HF `added_tokens` entries (for tokenizer.json / the export)."""

@@ -114,7 +114,8 @@ def train(cfg: TrainConfig) -> dict:
              f"{training.precision}, " + ("resumed from " + str(resume) if resume else
                                           "initialized from " + str(init) if init else "random init"))
     stop = StopRequest()
-    meta = model_meta(cfg.model, training.layout, stage=cfg.stage, train_steps=steps, config=dataclasses.asdict(cfg))
+    meta = model_meta(cfg.model, training.layout, template=cfg.data.template, stage=cfg.stage, train_steps=steps,
+                      config=dataclasses.asdict(cfg))
     last_saved = resume
     result = {"stage": cfg.stage, "steps": steps, "losses": []}
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), training.layout["data_parallel"]

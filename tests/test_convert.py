@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -146,7 +148,8 @@ def hf_logits(folder: Path, image, prompt: str) -> np.ndarray:
 
     model = FuyuForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(**fuyu_inputs(model, SOLOProcessor.from_pretrained(folder)(image, prompt))).logits[0].numpy()
+        inputs = SOLOProcessor.from_pretrained(folder)(image, prompt, template="plain")  # as solo_logits
+        return model(**fuyu_inputs(model, inputs)).logits[0].numpy()
 
 
 # -- weights ----------------------------------------------------------------------------------------
@@ -206,6 +209,13 @@ def test_export_loads_in_stock_transformers_as_fuyu(work):
     assert model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr()
     generation = json.loads((work.root / "hf_a" / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    # The authors' rule: every id >= 32000 suppressed (plain and solo-inst stop on </s>).
+    assert generation["suppress_tokens"] == list(range(32000, 33031))
+    assert json.loads((work.root / "hf_a" / "config.json").read_text())["solo_template"] == "plain"
+    # A Mistral import is a plain LM; the authors' SoloForCausalLM was tuned on solo-inst.
+    assert SOLOProcessor.from_pretrained(work.root / "hf_a").template == "plain"
+    assert SOLOProcessor.from_pretrained(work.root / "hf_b").template == "solo-inst"
+    assert json.loads((work.root / "hf_b" / "config.json").read_text())["solo_template"] == "solo-inst"
 
 
 def test_exported_tokenizer_matches_solo_tokenizer(work):
@@ -216,8 +226,89 @@ def test_exported_tokenizer_matches_solo_tokenizer(work):
     assert hf.convert_tokens_to_ids(["<vision>", "<vpatch>", "<loc_1024>", "<|im_end|>"]) == [32000, 32001, 33028, 33030]
     for text in ["Hello this is a test", "The quick brown fox.\n\nNext line", "日本語 and 123"]:
         assert hf.encode(text) == [TOK.bos_id] + TOK.encode(text)
-    # Text after a special token gets the dummy prefix, as solo.tokenizer encodes each segment.
-    assert hf.encode("<|im_start|>user\nhi<|im_end|>") == [1, 33029] + TOK.encode("user\nhi") + [33030]
+    # Literal special-token strings stay text, as in SOLOTokenizer (special ids are inserted by id).
+    assert hf.encode("<|im_start|>user\nhi<|im_end|>") == [1] + TOK.encode("<|im_start|>user\nhi<|im_end|>")
+    # Asked to split them out, text after a special token gets the dummy prefix, as solo.tokenizer
+    # encodes each segment (and as the authors' HF tokenizer encodes "<s>[INST] ...").
+    split = hf("<|im_start|>user\nhi<|im_end|>", split_special_tokens=False).input_ids
+    assert split == [1, 33029] + TOK.encode("user\nhi") + [33030]
+    assert hf("<s>[INST] hi [/INST]", add_special_tokens=False, split_special_tokens=False).input_ids == \
+        [1] + TOK.encode("[INST] hi [/INST]")
+
+
+# Real documents: Python's own source files (code, docstrings, indentation runs) and HTML, LaTeX,
+# CJK, emoji, tabs and literal special-token strings.
+DOCUMENTS = [
+    "a  b", "a   b", " lead", "  lead", "\tlead", "trail ", "a\tb\n\n  c", "x = 1\n    y = 2\n\n\n",
+    "<!DOCTYPE html>\n<html>\n  <head><title>T</title></head>\n  <body>\n    <p class=\"x\">Hi&nbsp;there</p>\n"
+    "  </body>\n</html>\n",
+    "\\begin{align}\n  e^{i\\pi} + 1 &= 0 \\\\\n  \\frac{a}{b}  &\\le \\sqrt{x}\n\\end{align}",
+    "日本語のテキスト、中文文本 and 한국어 123 4567", "emoji 😀🎉👍🏽 mixed", "<vision><vpatch></vision> <s> </s> <unk>",
+    "<|im_start|>user\nhi<|im_end|>", "<loc_5><loc_1024>", "    ", "\n", "",
+]
+
+
+def python_sources(n: int) -> list[str]:
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files[::max(1, len(files) // n)][:n]]
+
+
+@pytest.fixture(scope="module")
+def exported_tokenizer(work):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(work.root / "hf_a")
+
+
+def test_exported_tokenizer_equals_solo_tokenizer_on_documents(exported_tokenizer):
+    sources = python_sources(40)
+    assert len(sources) == 40 and sum(map(len, sources)) > 200_000
+    for text in DOCUMENTS + sources:
+        assert exported_tokenizer.encode(text) == [TOK.bos_id] + TOK.encode(text), text[:60]
+        assert exported_tokenizer(text, add_special_tokens=False).input_ids == TOK.encode(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.lists(st.one_of(st.text(st.characters(codec="utf-8", exclude_characters="\u2581"), max_size=8),
+                              st.sampled_from([" ", "  ", "   ", "\t", "\n", "<vision>", "</s>", "<s>", "<|im_end|>"])),
+                    max_size=12).map("".join))
+def test_exported_tokenizer_equals_solo_tokenizer_on_any_text(exported_tokenizer, text):
+    # U+2581 is sentencepiece's own space marker (it decodes as a space): left out, see solo.tokenizer.
+    assert exported_tokenizer(text, add_special_tokens=False).input_ids == TOK.encode(text)
+
+
+# -- the authors' layout and model == the export with --template solo-inst ---------------------------
+
+def test_export_with_solo_inst_gives_the_authors_ids_and_logits(work, tmp_path):
+    """Done means (issue 15): the tiny SoloForCausalLM, imported and exported, with the solo-inst
+    template gives the authors' input ids (their demo's prompt, tests/authors_layout.py) and their
+    model's next-token logits (their modeling_solo.py embedding on the same weights), fp32."""
+    from transformers import FuyuForCausalLM, MistralForCausalLM
+
+    from solo.convert.generate import fuyu_inputs
+    from tests import authors_layout as authors
+
+    processor = SOLOProcessor.from_pretrained(work.root / "hf_b")
+    assert processor.template == "solo-inst"
+    encoded = processor.encode(work.image_path, PROMPT)
+    theirs = authors.authors_tokenizer(tmp_path / "tokenizer")
+    ids, indices = authors.prompt(theirs, PROMPT, encoded.rows, encoded.cols)
+    assert encoded.input_ids == ids
+    reference = MistralForCausalLM.from_pretrained(work.root / "authors", dtype=torch.float32).eval()
+    reference.embed_vision_patch = work.authors["model.embed_vision_patch.weight"].float()
+    patches = torch.from_numpy(normalize_patches(encoded.patches))  # their (channel, row, column) order
+    expected = authors.logits(reference, ids, indices, patches)
+    export = FuyuForCausalLM.from_pretrained(work.root / "hf_b", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = export(**fuyu_inputs(export, processor(work.image_path, PROMPT))).logits[0]
+    assert got.shape == expected.shape and expected.abs().max() > 1.0
+    assert (got[-1] - expected[-1]).abs().max() <= 1e-4  # the next token
+    assert (got - expected).abs().max() <= 1e-4
+    # The layout matters: the plain layout of the same prompt predicts something else.
+    plain = export(**fuyu_inputs(export, processor(work.image_path, PROMPT, template="plain"))).logits[0, -1]
+    assert (plain - expected[-1]).abs().max() > 1e-2
 
 
 # -- logits: Megatron (TP=1, TP=2) == exported HF Fuyu ---------------------------------------------
@@ -271,15 +362,15 @@ def test_processor_builds_the_training_layout_and_round_trips(work, tmp_path):
 
 @pytest.mark.parametrize("with_image", [True, False])
 def test_processor_chat_prompt_is_the_sft_layout_up_to_the_answer(work, with_image):
-    """`chat=True` must give the ids solo-preprocess's sft layout trained on, up to the answer."""
+    """`template="chatml"` must give the ids solo-preprocess's chatml layout trained on, up to the answer."""
     from solo.preprocess.documents import Layout, build
     from solo.preprocess.formats import Record
 
     answer = "It is a small red bird."
     record = Record(key="chat", image=str(work.image_path) if with_image else None,
                     conversations=[{"from": "human", "value": PROMPT}, {"from": "gpt", "value": answer}])
-    [doc] = build("sft", record, Layout(TOK, seq_length=4096, patch_size=P, max_side=1024))
-    encoded = SOLOProcessor(TOK).encode(work.image_path if with_image else None, PROMPT, chat=True)
+    [doc] = build("sft", record, Layout(TOK, seq_length=4096, patch_size=P, max_side=1024, template="chatml"))
+    encoded = SOLOProcessor(TOK).encode(work.image_path if with_image else None, PROMPT, template="chatml")
     n = len(encoded.input_ids)
     assert encoded.input_ids == doc.tokens[:n].tolist()
     assert doc.loss[:n].sum() == 0 and doc.loss[n] == 1  # the answer starts right after the prompt
@@ -287,6 +378,23 @@ def test_processor_chat_prompt_is_the_sft_layout_up_to_the_answer(work, with_ima
     if with_image:
         assert np.array_equal(encoded.patches, doc.patches[0])
     assert encoded.input_ids[:2] == [TOK.bos_id, TOK.im_start_id] and encoded.input_ids.count(TOK.im_start_id) == 2
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_processor_solo_inst_prompt_is_the_sft_layout_up_to_the_answer(work, with_image):
+    from solo.preprocess.documents import Layout, build
+    from solo.preprocess.formats import Record
+
+    answer = "It is a small red bird."
+    record = Record(key="inst", image=str(work.image_path) if with_image else None,
+                    conversations=[{"from": "human", "value": "<image>\n" * with_image + PROMPT},
+                                   {"from": "gpt", "value": answer}])
+    [doc] = build("sft", record, Layout(TOK, seq_length=4096, patch_size=P, max_side=1024, template="solo-inst"))
+    encoded = SOLOProcessor(TOK, template="solo-inst").encode(work.image_path if with_image else None, PROMPT)
+    n = len(encoded.input_ids)
+    assert encoded.input_ids == doc.tokens[:n].tolist()
+    assert doc.tokens[n:].tolist() == TOK.encode(answer) + [TOK.eos_id] and doc.loss[n:].all()
+    assert doc.loss[:n].sum() == 0
 
 
 def test_fuyu_patch_order_is_transformers_fuyu_patchify(work):
@@ -303,17 +411,21 @@ def test_solo_generate_is_greedy_and_stops(work, capsys):
     from solo.convert import generate
 
     model, processor = generate.load(work.root / "hf_b", dtype="float32")
+    assert processor.template == "solo-inst"  # the authors' model: their layout by default
     ids = generate.generate(model, processor, work.image_path, PROMPT, max_new_tokens=4)
-    # Reference: argmax of full forward passes without a cache.
+    # Reference: argmax of full forward passes without a cache, ids >= 32000 suppressed (solo-inst
+    # stops on </s>), as the authors' demo generates.
     inputs = processor(work.image_path, PROMPT)
     sequence = inputs["input_ids"]
     with torch.no_grad():
         for _ in range(len(ids)):
             step = {**inputs, "input_ids": sequence, "attention_mask": torch.ones_like(sequence)}
-            logits = model(**generate.fuyu_inputs(model, step)).logits
-            sequence = torch.cat([sequence, logits[:, -1:].argmax(-1).to(sequence.device)], dim=1)
+            logits = model(**generate.fuyu_inputs(model, step)).logits[:, -1:]
+            logits[..., 32000:] = -torch.inf
+            sequence = torch.cat([sequence, logits.argmax(-1).to(sequence.device)], dim=1)
     assert ids == sequence[0, inputs["input_ids"].shape[1]:].tolist()
     assert 1 <= len(ids) <= 4 and (len(ids) == 4 or ids[-1] == TOK.eos_id)
+    assert max(ids) < 32000
     assert generate.main(["--model", str(work.root / "hf_b"), "--image", str(work.image_path),
                           "--prompt", PROMPT, "--max-new-tokens", "4", "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.strip() == processor.decode([i for i in ids if i != TOK.eos_id]).strip()

@@ -186,8 +186,11 @@ def documents_of(folder, seq=SEQ):
             images, offset = iter(s.patches), 0
             for n in s.document_lengths:
                 t, mask = s.tokens[offset:offset + n], s.loss_mask[offset:offset + n]
-                assert mask[0] == 0 and not mask[t >= 32000].any()
-                patches = [next(images) for _ in range(int((t == 32000).sum()))]
+                # No loss on ids >= 32000 but a chatml turn's closing <|im_end|> (33030).
+                assert mask[0] == 0 and not mask[(t >= 32000) & (t != 33030)].any()
+                # An image opens with <vision> then <vpatch> (solo-inst closes it with <vision> too).
+                opened = int(((t[:-1] == 32000) & (t[1:] == 32001)).sum())
+                patches = [next(images) for _ in range(opened)]
                 assert sum(len(p) for p in patches) == int((t == 32001).sum())
                 docs.append((t, mask, patches))
                 offset += n
@@ -269,12 +272,16 @@ def test_text_layout_and_pieces(tok, layout):
         build("text", Record("k", text=None), layout)
 
 
-def test_sft_layout(tok, layout, tmp_path):
+SFT_TURNS = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
+             {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Brown and grey."}]
+
+
+def test_sft_chatml_layout(tok, tmp_path):
+    layout = Layout(tok, SEQ, PATCH, SIDE, template="chatml")
     path = tmp_path / "cat.jpg"
     path.write_bytes(photo("chelsea.png"))
     img, _ = image_ids(tok, str(path))
-    turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
-             {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Brown and grey."}]
+    turns = SFT_TURNS
     [doc] = build("sft", Record("k", image=str(path), conversations=turns), layout)
     nl, s, e = tok.encode("\n"), tok.im_start_id, tok.im_end_id
     expected = ([tok.bos_id, s] + tok.encode("user\n") + img + tok.encode("\nWhat is this?") + [e] + nl
@@ -287,10 +294,11 @@ def test_sft_layout(tok, layout, tmp_path):
     assert text.startswith("<|im_start|>user\n<vision><vpatch>")
     assert text.endswith("</vision>\nWhat is this?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n"
                          "<|im_start|>user\nColor?<|im_end|>\n<|im_start|>assistant\nBrown and grey.<|im_end|>\n")
-    # Loss: the answers and the final </s>, nothing else.
+    # Loss: the answers, the <|im_end|> closing each (the template's stop id) and the final </s>.
     answers = tok.encode("A cat.", prefix_space=False) + tok.encode("Brown and grey.", prefix_space=False)
-    assert doc.loss.sum() == len(answers) + 1
-    assert tok.decode(doc.tokens[doc.loss == 1]) == "A cat.Brown and grey."
+    assert doc.loss.sum() == len(answers) + 2 + 1
+    assert doc.tokens[doc.loss == 1].tolist() == (tok.encode("A cat.", prefix_space=False) + [e]
+                                                  + tok.encode("Brown and grey.", prefix_space=False) + [e, tok.eos_id])
     assert doc.loss[-1] == 1 and doc.tokens[-1] == tok.eos_id
     # Encoding an answer apart from its "assistant\n" header gives the ids of the whole turn.
     assert tok.encode("assistant\nA cat.") == tok.encode("assistant\n") + tok.encode("A cat.", prefix_space=False)
@@ -301,6 +309,32 @@ def test_sft_layout(tok, layout, tmp_path):
                              ([{"from": "robot", "value": "x"}], None), (turns[:1], str(path))):
         with pytest.raises(Skip, match="bad_conversation"):
             build("sft", Record("k", image=image, conversations=bad_turns), layout)
+
+
+def test_sft_solo_inst_layout(tok, layout, tmp_path):
+    """The released SOLO-7B's layout (solo.templates; compared with the authors' tokenization in
+    tests/test_templates.py): the image first, closed by <vision>; answers with the dummy prefix."""
+    assert layout.template == "solo-inst"  # the default
+    path = tmp_path / "cat.jpg"
+    path.write_bytes(photo("chelsea.png"))
+    img, patches = image_ids(tok, str(path))
+    [doc] = build("sft", Record("k", image=str(path), conversations=SFT_TURNS), layout)
+    expected = (img[:-1] + [tok.vision_start_id] + [tok.bos_id] + tok.encode("[INST] What is this? [/INST]")
+                + tok.encode("A cat.") + [tok.eos_id] + tok.encode("[INST] Color? [/INST]")
+                + tok.encode("Brown and grey.") + [tok.eos_id])
+    assert doc.tokens.tolist() == expected
+    assert tok.vision_end_id not in doc.tokens and doc.tokens.tolist().count(tok.bos_id) == 1
+    assert doc.tokens[doc.loss == 1].tolist() == (tok.encode("A cat.") + [tok.eos_id]
+                                                  + tok.encode("Brown and grey.") + [tok.eos_id])
+    assert tok.encode("A")[0] == 330  # "▁A", as HF's tokenizer gives "A</s>"
+    assert np.array_equal(doc.patches[0], patches)
+    # Text only: <s>[INST] first; the marker elsewhere than the start or end of turn 1 is refused.
+    [text] = build("sft", Record("k", conversations=SFT_TURNS[2:]), layout)
+    assert text.tokens.tolist()[:2] == [tok.bos_id] + tok.encode("[INST]")[:1]
+    for bad in ([{"from": "human", "value": "What <image> is this?"}, SFT_TURNS[1]],
+                [{"from": "system", "value": "Be brief."}, *SFT_TURNS], [SFT_TURNS[1], SFT_TURNS[0]]):
+        with pytest.raises(Skip, match="bad_conversation"):
+            build("sft", Record("k", image=str(path), conversations=bad), layout)
 
 
 def test_image_skip_rules(tok, layout, tmp_path):
@@ -431,6 +465,8 @@ def test_sft_end_to_end(tok, tmp_path):
     assert manifest["skipped"] == {"bad_conversation": 1, "unreadable_file": 1}
     answers = sorted(tok.decode(t[mask == 1]) for t, mask, _ in documents_of(out))
     assert answers == ["A cat.", "Hello!"]
+    assert manifest["spec"]["template"] == "solo-inst"
+    assert all(open_shard(p).manifest["template"] == "solo-inst" for p in list_shards(out))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -12,9 +12,9 @@ import torch
 
 from solo.config import ModelConfig
 from solo.fileio import replace_durably, temp_path
-from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
+from solo.tokenizer import VOCAB_SIZE
 
-SOLO_VOCAB = SP_VOCAB_SIZE + len(SPECIAL_TOKENS)  # 33031
+SOLO_VOCAB = VOCAB_SIZE  # the HF checkpoints' vocabulary (no padding rows)
 
 
 class ConversionError(ValueError):

@@ -2,16 +2,20 @@
 
 transformers runs the model (`FuyuForCausalLM.generate`, greedy, KV cache; the image patches enter
 at the first step through Fuyu's `pixel_values`); `SOLOProcessor` builds the inputs exactly as
-training did.
+training did, in the template the model was trained on (`--template` for another). As the SOLO
+authors' demo, every id >= 32000 is suppressed but the template's stop id, and generation ends on
+`</s>` or that id (`solo.templates`; the export's generation_config.json says the same).
 
-    solo-generate --model export/solo-hf --image dog.jpg --prompt "A photo of" --max-new-tokens 32
-    solo-generate --model export/solo-hf --image dog.jpg --prompt "What is in the image?" --chat
+    solo-generate --model export/solo-hf --image dog.jpg --prompt "A photo of" --template plain
+    solo-generate --model export/solo-hf --image dog.jpg --prompt "What is in the image?" --template solo-inst
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from solo.templates import TEMPLATES
 
 
 def load(model_dir: str, dtype: str = "auto"):
@@ -47,16 +51,21 @@ def fuyu_inputs(model, inputs: dict) -> dict:
     return out
 
 
-def generate(model, processor, image=None, prompt: str = "", max_new_tokens: int = 32, chat: bool = False) -> list[int]:
-    """The generated ids (prompt excluded), stopping after `</s>` (and, in chat, `<|im_end|>`)."""
+def generate(model, processor, image=None, prompt: str = "", max_new_tokens: int = 32,
+             template: str | None = None) -> list[int]:
+    """The generated ids (prompt excluded), ending with a stop id unless `max_new_tokens` ran out.
+    `template`: a `solo.templates` name (default: the processor's, i.e. the model's)."""
     import torch
 
-    inputs = fuyu_inputs(model, processor(image, prompt, chat=chat))
-    stop = [processor.tokenizer.eos_id] + ([processor.tokenizer.im_end_id] if chat else [])
+    from solo.templates import get_template
+
+    chosen = get_template(template or processor.template)
+    inputs = fuyu_inputs(model, processor(image, prompt, template=chosen.name))
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=stop, pad_token_id=processor.tokenizer.pad_id,
+            eos_token_id=chosen.stop_ids(), suppress_tokens=chosen.suppressed_ids(),
+            pad_token_id=processor.tokenizer.pad_id,
         )
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -66,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="folder written by `solo-convert solo-to-hf`")
     parser.add_argument("--image", help="image file (optional: text-only prompts work too)")
     parser.add_argument("--prompt", default="", help="text after the image")
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap the prompt in the supervised chat template of stages 2-3 and answer as the assistant")
+    parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+                        help="prompt layout (default: the one the model was trained on, from the export)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="compute dtype (auto: as stored on GPU, float32 on CPU)")
@@ -76,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, processor = load(args.model, args.dtype)
-        ids = generate(model, processor, args.image, args.prompt, args.max_new_tokens, chat=args.chat)
+        ids = generate(model, processor, args.image, args.prompt, args.max_new_tokens, template=args.template)
     except (FileNotFoundError, ImageLoadError, ValueError, OSError) as e:
         print(f"solo-generate: error: {e}", file=sys.stderr, flush=True)
         return 2
-    if ids and ids[-1] in (processor.tokenizer.eos_id, processor.tokenizer.im_end_id):
+    if ids and ids[-1] in processor.stop_ids(args.template):
         ids = ids[:-1]
     print(processor.decode(ids))
     return 0

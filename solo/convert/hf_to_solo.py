@@ -317,6 +317,8 @@ def convert_hf_to_solo(
         notes = _fill(solo, src, model, seed)
         meta = model_meta(
             model, {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1},
+            # The authors' SoloForCausalLM (SOLO-7B) was fine-tuned on their [INST] layout.
+            template="solo-inst" if src.kind == "solo" else "plain",
             step=0, stage="converted",
             converted_from={
                 "format": src.kind, "path": str(src.folder.resolve()),

@@ -1,16 +1,10 @@
 """SOLOProcessor: (image, prompt) -> `input_ids` + `pixel_values` for the exported HF model.
 
 The heavy lifting is ours and is exactly what training used: `solo.vision` (PIL resize rule,
-row-major patches, ImageNet normalization) and `solo.tokenizer` (sentencepiece + SOLO ids). The
-sequence is
-
-    <s> <vision> row 0 <vrow_sep> row 1 ... row h-1 </vision> prompt-text
-
-(`solo.vision.image_token_ids`; the prompt encoded like any text segment, with sentencepiece's
-dummy prefix), or with `chat=True` the supervised template of stages 2-3 (`solo-preprocess sft`,
-LLaVA's image-first placement), ending where the assistant's answer begins:
-
-    <s> <|im_start|>user\n IMAGE \nprompt<|im_end|>\n<|im_start|>assistant\n
+row-major patches, ImageNet normalization), `solo.tokenizer` (sentencepiece + SOLO ids) and
+`solo.templates` (the prompt layout, `plain`, `solo-inst` or `chatml`, ending where the model's
+answer begins; `plain` is the pretraining layout, the prompt after the image). The processor's
+template is the one its model was trained on (recorded in the export); a call may ask for another.
 
 `pixel_values` are the normalized patches in that order, each flattened in Fuyu's
 (row, column, channel) order, which the export's `vision_embed_tokens` expects (see
@@ -31,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from solo.convert.layouts import patches_to_fuyu
+from solo.templates import get_template
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import IMAGENET_MEAN, IMAGENET_STD, encode_image, image_token_ids, normalize_patches
 
@@ -47,17 +42,20 @@ class EncodedPrompt:
 
 
 class SOLOProcessor:
-    def __init__(self, tokenizer: SOLOTokenizer, patch_size: int = 32, max_image_side: int = 1024):
+    def __init__(self, tokenizer: SOLOTokenizer, patch_size: int = 32, max_image_side: int = 1024,
+                 template: str = "plain"):
         self.tokenizer = tokenizer
         self.patch_size = patch_size
         self.max_image_side = max_image_side
+        self.template = get_template(template).name
 
     @property
     def patch_dim(self) -> int:
         return 3 * self.patch_size**2
 
-    def encode(self, image=None, prompt: str = "", chat: bool = False) -> EncodedPrompt:
-        """`image`: a path, encoded bytes or a PIL image (or None for text only)."""
+    def encode(self, image=None, prompt: str = "", template: str | None = None) -> EncodedPrompt:
+        """`image`: a path, encoded bytes or a PIL image (or None for text only); `template`: a
+        `solo.templates` name (default: the processor's)."""
         tok = self.tokenizer
         patches = np.zeros((0, self.patch_dim), dtype=np.uint8)
         rows = cols = 0
@@ -66,25 +64,19 @@ class SOLOProcessor:
             encoded = encode_image(image, self.patch_size, self.max_image_side)
             rows, cols, patches = encoded.rows, encoded.cols, encoded.patches
             image_ids = image_token_ids(rows, cols, tok)
-        if not chat:
-            ids = [tok.bos_id] + image_ids + (tok.encode(prompt) if prompt else [])
-            return EncodedPrompt(ids, patches, rows, cols)
-        # The ids solo-preprocess's sft layout gives a user turn "<image>\n{prompt}" (every text run
-        # after a special id encoded on its own, with the dummy prefix).
-        if image_ids:
-            user = tok.encode("user\n") + image_ids + tok.encode("\n" + prompt)
-        else:
-            user = tok.encode("user\n" + prompt)
-        ids = ([tok.bos_id, tok.im_start_id] + user + [tok.im_end_id] + tok.encode("\n")
-               + [tok.im_start_id] + tok.encode("assistant\n"))
+        ids = get_template(template or self.template).prompt(tok, prompt, image_ids)
         return EncodedPrompt(ids, patches, rows, cols)
 
-    def __call__(self, image=None, prompt: str = "", chat: bool = False) -> dict:
+    def stop_ids(self, template: str | None = None) -> list[int]:
+        """Ids that end an answer under `template` (default: the processor's)."""
+        return get_template(template or self.template).stop_ids()
+
+    def __call__(self, image=None, prompt: str = "", template: str | None = None) -> dict:
         """Tensors for `FuyuForCausalLM`: input_ids [1, L], attention_mask [1, L] and, with an image,
         pixel_values [1, n, 3*P*P] (float32, Fuyu order)."""
         import torch
 
-        encoded = self.encode(image, prompt, chat)
+        encoded = self.encode(image, prompt, template)
         ids = torch.tensor([encoded.input_ids], dtype=torch.long)
         out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if len(encoded.patches):
@@ -112,8 +104,7 @@ class SOLOProcessor:
             "image_mean": IMAGENET_MEAN.tolist(),
             "image_std": IMAGENET_STD.tolist(),
             "patch_order": "patches row-major over the grid; each flattened (row, column, channel) as Fuyu's",
-            "sequence": "<s> <vision> row <vrow_sep> row ... </vision> prompt",
-            "chat_sequence": "<s><|im_start|>user\\n<vision>...</vision>\\nprompt<|im_end|>\\n<|im_start|>assistant\\n",
+            "template": self.template,  # solo.templates: the prompt layout the model was trained on
             "tokenizer_file": TOKENIZER_FILE,
             "vocab_size": tok.vocab_size,
             "bos_token_id": tok.bos_id,
@@ -144,7 +135,11 @@ class SOLOProcessor:
         if not (np.allclose(config["image_mean"], IMAGENET_MEAN) and np.allclose(config["image_std"], IMAGENET_STD)):
             raise ValueError(f"{path}: image_mean/std differ from the ImageNet values SOLO trains with")
         tokenizer = SOLOTokenizer(folder / config.get("tokenizer_file", TOKENIZER_FILE))
-        processor = cls(tokenizer, int(config["patch_size"]), int(config["max_image_side"]))
+        try:  # exports before templates were recorded: the pretraining layout was their default
+            processor = cls(tokenizer, int(config["patch_size"]), int(config["max_image_side"]),
+                            config.get("template", "plain"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
         if config.get("image_token_id", tokenizer.patch_id) != tokenizer.patch_id:
             raise ValueError(f"{path}: image_token_id {config['image_token_id']} != <vpatch> id {tokenizer.patch_id}")
         return processor

@@ -2,8 +2,11 @@
 
 megatron-core's dist_checkpointing reads the checkpoint into one TP=1 model (it reshards whatever
 layout it was saved with); safetensors writes the shards; transformers writes the config, the
-generation config and the tokenizer (`tokenizer.json` converted offline from the sentencepiece
-model by transformers' LlamaTokenizer, with the 1,031 SOLO tokens added at ids 32000..33030).
+generation config and the tokenizer (`tokenizer.json` built offline from the sentencepiece model
+by the `tokenizers` library, equal to `SOLOTokenizer`, with the SOLO tokens added after its
+pieces). The prompt template the checkpoint was trained on (`solo.templates`) is recorded in the
+processor config and config.json, and generation_config.json carries its rule: stop on its stop
+id, suppress every other id >= 32000.
 
 Why Fuyu: `FuyuForCausalLM` (transformers 5.x) is a decoder (`text_config`, here Mistral with
 `sliding_window: null`, i.e. full causal attention as trained) whose input embedding at every
@@ -24,7 +27,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -40,7 +42,8 @@ from solo.convert.common import (
 )
 from solo.convert.layouts import hf_shape, mistral_entries, patch_columns_to_fuyu, read_hf
 from solo.convert.processor import SOLOProcessor
-from solo.tokenizer import SPECIAL_TOKENS, SOLOTokenizer
+from solo.templates import TEMPLATES, get_template
+from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS, SOLOTokenizer
 
 log = logging.getLogger("solo.convert")
 
@@ -64,6 +67,17 @@ def model_config_from_meta(checkpoint: Path) -> ModelConfig:
     if model.vocab_size != SOLO_VOCAB:
         raise ConversionError(f"{checkpoint}: vocab_size {model.vocab_size}, the SOLO tokenizer has {SOLO_VOCAB}")
     return model
+
+
+def template_from_meta(checkpoint: Path) -> str:
+    """The prompt template the checkpoint was trained on (checkpoints from before templates were
+    recorded: plain, the pretraining layout)."""
+    from solo.checkpoint import read_meta
+
+    name = read_meta(checkpoint).get("template", "plain")
+    if name not in TEMPLATES:
+        raise ConversionError(f"{checkpoint}: solo_meta.json names template {name!r}; known: {sorted(TEMPLATES)}")
+    return name
 
 
 def _stored_dtype(checkpoint: Path) -> torch.dtype:
@@ -118,7 +132,7 @@ def _write_weights(
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_configs(folder: Path, model: ModelConfig, dtype: torch.dtype, tok: SOLOTokenizer) -> None:
+def _write_configs(folder: Path, model: ModelConfig, dtype: torch.dtype, tok: SOLOTokenizer, template: str) -> None:
     from transformers import FuyuConfig, GenerationConfig, MistralConfig
 
     text = MistralConfig(
@@ -140,37 +154,64 @@ def _write_configs(folder: Path, model: ModelConfig, dtype: torch.dtype, tok: SO
         hidden_size=model.hidden_size, vocab_size=SOLO_VOCAB,
     )
     config.architectures = ["FuyuForCausalLM"]
+    config.solo_template = template  # solo.templates; SOLOProcessor reads it from its own config file
     config.dtype = dtype
     config.text_config.dtype = dtype
     config.save_pretrained(folder)
+    # The authors' generation rule: no id >= 32000 but the template's stop id; stop on it or </s>.
+    chosen = get_template(template)
+    stop = chosen.stop_ids()
     GenerationConfig(
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, do_sample=False,
+        bos_token_id=tok.bos_id, eos_token_id=stop[0] if len(stop) == 1 else stop, pad_token_id=tok.pad_id,
+        do_sample=False,
+        suppress_tokens=chosen.suppressed_ids(),
     ).save_pretrained(folder)
 
 
-def write_tokenizer(folder: Path, tok: SOLOTokenizer, model: ModelConfig) -> None:
+def hf_tokenizer(tok: SOLOTokenizer):
+    """`SOLOTokenizer` as a HF fast tokenizer (the `tokenizers` library runs it), id for id.
+
+    sentencepiece's BPE merges, at each step, the adjacent pair whose merged piece has the highest
+    score; HF's BPE merges by rank, so the merges are ranked by that score (transformers'
+    `generate_merges` with the scores). transformers' own Llama conversion ranks them otherwise and
+    merged whitespace first ("a  b" -> "▁a" "▁▁" "b"; sentencepiece: "▁a" "▁" "▁b", because "▁▁"
+    scores -1e9). The normalizer is sentencepiece's dummy prefix and space marker, applied to each
+    text run between added tokens (as `SOLOTokenizer.encode` per segment), also when the run starts
+    with a space (Metaspace would skip the prefix there: " lead" -> "▁lead", sentencepiece "▁" "▁lead").
+    The special tokens stay text inside user text (`split_special_tokens`), as in `SOLOTokenizer`:
+    callers insert special ids by id (`SOLOProcessor`), or pass `split_special_tokens=False`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    pieces = [tok.id_to_piece(i) for i in range(SP_VOCAB_SIZE)]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    scores = {piece: tok.piece_score(i) for i, piece in enumerate(pieces)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token="<unk>",
+                                   fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1)])
+    control = [tok.id_to_piece(i) for i in (tok.unk_id, tok.bos_id, tok.eos_id)]
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control + list(SPECIAL_TOKENS)])
+    bos = tok.id_to_piece(tok.bos_id)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=control[2], unk_token=control[0], pad_token=control[0],
+        add_bos_token=True, add_eos_token=False, split_special_tokens=True, clean_up_tokenization_spaces=False,
+    )
+
+
+def write_tokenizer(folder: Path, tok: SOLOTokenizer, model: ModelConfig, template: str = "plain") -> None:
     """tokenizer.model (sentencepiece, read by SOLOProcessor) + tokenizer.json/tokenizer_config.json
-    (read by `AutoTokenizer.from_pretrained`, built offline from the sentencepiece model)."""
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    # copies tokenizer.model, writes our processor config (the model's patch size and image side)
-    SOLOProcessor(tok, model.patch_size, model.max_image_side).save_pretrained(folder)
-    # Converted in a folder of its own: beside the Fuyu config.json, transformers 5.23 built a
-    # tokenizer without Mistral's dummy prefix ("hello" -> "hello", not "▁hell" "o"). `legacy: True`
-    # gives every text run after a special token the prefix too, as solo.tokenizer encodes
-    # ("<|im_start|>user" -> 33029, "▁user"); the tests compare both tokenizers.
-    with tempfile.TemporaryDirectory() as scratch:
-        shutil.copyfile(tok.model_file, Path(scratch) / "tokenizer.model")
-        (Path(scratch) / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True}))
-        hf = AutoTokenizer.from_pretrained(scratch)  # sentencepiece -> tokenizers, no network
-    hf.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    (read by `AutoTokenizer.from_pretrained`; `hf_tokenizer`)."""
+    # copies tokenizer.model, writes our processor config (the model's patch size, image side, template)
+    SOLOProcessor(tok, model.patch_size, model.max_image_side, template).save_pretrained(folder)
+    hf = hf_tokenizer(tok)
     wrong = {t: hf.convert_tokens_to_ids(t) for t, i in tok.special_tokens.items() if hf.convert_tokens_to_ids(t) != i}
     if len(hf) != tok.vocab_size or wrong:
         raise RuntimeError(f"HF tokenizer ids differ from SOLO's: size {len(hf)}, tokens {list(wrong.items())[:3]}")
-    hf.pad_token = hf.unk_token  # SOLO pads with <unk> (solo.tokenizer)
     hf.save_pretrained(str(folder))
 
 
@@ -205,6 +246,7 @@ def convert_solo_to_hf(
     except CheckpointError as e:
         raise ConversionError(str(e)) from e
     model = model_config_from_meta(checkpoint)
+    template = template_from_meta(checkpoint)
     try:
         tok = SOLOTokenizer(tokenizer_model) if tokenizer_model else SOLOTokenizer.default()
     except (OSError, ValueError) as e:
@@ -218,8 +260,8 @@ def convert_solo_to_hf(
                  model.hidden_size, stored, output, out_dtype)
         with staged_output(output) as tmp:
             _write_weights(tmp, solo, model, tok.patch_id, out_dtype, max_shard_bytes)
-            _write_configs(tmp, model, out_dtype, tok)
-            write_tokenizer(tmp, tok, model)
+            _write_configs(tmp, model, out_dtype, tok, template)
+            write_tokenizer(tmp, tok, model, template)
     log.info("wrote %s: load with transformers.FuyuForCausalLM.from_pretrained and "
              "solo.convert.processor.SOLOProcessor.from_pretrained", output)
     return output

@@ -2,12 +2,13 @@
 
 A packed sample (one row of `seq_length` tokens, see `solo.data.shards`) holds whole documents
 back to back. Here it becomes model inputs: labels shifted by one, a loss mask that never crosses a
-document boundary nor predicts an id >= 32000 (docs/design.md "Loss"), position ids that restart at each
-document, the document boundaries as cumulative lengths, and the raw uint8 patches in the order
-their `<vpatch>` tokens appear (SOLOModel normalizes them on its device: a quarter of the bytes of
-float32 to copy and to move, and no CPU pass over them). `attention_inputs` turns the boundaries
-into what the chosen attention backend needs: a block-diagonal causal mask (CPU, local spec) or
-megatron-core `PackedSeqParams` (FlexAttention or TransformerEngine THD).
+document boundary nor predicts an id >= 32000 but the template's stop id (docs/design.md "Loss"),
+position ids that restart at each document, the document boundaries as cumulative lengths, and the
+raw uint8 patches in the order their `<vpatch>` tokens appear (SOLOModel normalizes them on its
+device: a quarter of the bytes of float32 to copy and to move, and no CPU pass over them).
+`attention_inputs` turns the boundaries into what the chosen attention backend needs: a
+block-diagonal causal mask (CPU, local spec) or megatron-core `PackedSeqParams` (FlexAttention or
+TransformerEngine THD).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from solo.data.shards import VOCAB_SIZE, ShardError
-from solo.tokenizer import SP_VOCAB_SIZE
+from solo.tokenizer import TOKEN_IDS
 
-FIRST_SPECIAL_ID = SP_VOCAB_SIZE  # 32000: no loss on any id from here on
+FIRST_SPECIAL_ID = TOKEN_IDS.first_special_id  # no loss on any id from here on (but see `collate`)
 
 
 @dataclass
@@ -45,11 +46,13 @@ class PackedBatch:
         return PackedBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
 
-def collate(samples, seq_length: int, pad_id: int = 0, vocab_size: int = VOCAB_SIZE) -> PackedBatch:
+def collate(samples, seq_length: int, pad_id: int = 0, stop_id: int | None = None,
+            vocab_size: int = VOCAB_SIZE) -> PackedBatch:
     """`samples`: objects with `tokens`, `loss_mask`, `document_lengths` and `patches` (a list of
-    uint8 [n, 3P²] arrays), as `solo.data.shards.PackedSample`. A token id outside [0, vocab_size)
-    or a loss flag other than 0/1 (a shard changed after it was written) is a ShardError naming the
-    sample's `origin` (its shard and index)."""
+    uint8 [n, 3P²] arrays), as `solo.data.shards.PackedSample`. `stop_id`: the template's token that
+    closes an assistant turn (`solo.templates`), the one id >= 32000 that may carry loss. A token id
+    outside [0, vocab_size) or a loss flag other than 0/1 (a shard changed after it was written) is
+    a ShardError naming the sample's `origin` (its shard and index)."""
     rows = len(samples)
     tokens = np.full((rows, seq_length + 1), pad_id, dtype=np.int64)
     targets = np.zeros((rows, seq_length + 1), dtype=np.float32)
@@ -82,8 +85,12 @@ def collate(samples, seq_length: int, pad_id: int = 0, vocab_size: int = VOCAB_S
     _check_values(samples, tokens, targets, vocab_size)
     labels = tokens[:, 1:]
     # A label is a target only inside its document (the next token is no document start) and only
-    # for natural-language ids.
-    loss_mask = targets[:, 1:] * ~starts[:, 1:] * (labels < FIRST_SPECIAL_ID)
+    # for natural-language ids, or the stop id: a model that never learns the token closing its
+    # answer (chatml's <|im_end|>) never stops (docs/design.md "Loss").
+    learnable = labels < FIRST_SPECIAL_ID
+    if stop_id is not None:
+        learnable |= labels == stop_id
+    loss_mask = targets[:, 1:] * ~starts[:, 1:] * learnable
     patch_array = np.concatenate(patches) if patches else np.zeros((0, 0), dtype=np.uint8)
     return PackedBatch(
         tokens=torch.from_numpy(tokens[:, :-1].copy()),

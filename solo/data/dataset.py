@@ -30,6 +30,7 @@ from megatron.core.datasets.utils import Split
 
 from solo.config import DataConfig
 from solo.data.shards import PARTS, Shard, ShardError, list_shards, open_shard, read_folder_manifest
+from solo.templates import get_template
 
 logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
 
@@ -94,12 +95,14 @@ class StageData:
                 _check_compatible(prefix, shard.manifest, data.seq_length_tokens, patch_size)
                 if vocab_size is not None:
                     _check_token_ids(prefix, shard.manifest, vocab_size)
+                _check_template(prefix, shard.manifest, data.template)
             opened.append((source, prefixes, shards))
             self.sources.append(SourceSummary(source.name, len(shards), sum(len(s) for s in shards), source.fraction))
         self.samples_per_epoch = sum(s.samples for s in self.sources)
         self.global_batch_size = global_batch_size
         self.train_steps = train_steps or math.ceil(self.samples_per_epoch / global_batch_size)
         self.seq_length = data.seq_length_tokens
+        self.stop_id = get_template(data.template).stop_id  # carries loss in collate
         size = self.train_steps * global_batch_size
         datasets, weights = [], []
         for (source, prefixes, shards), summary in zip(opened, self.sources, strict=True):
@@ -186,3 +189,19 @@ def _check_token_ids(prefix: str, manifest: dict, vocab_size: int) -> None:
     if ids is not None and (ids[0] < 0 or ids[1] >= vocab_size):
         raise ShardError(f"{prefix}: token ids up to {ids[1]} (lowest {ids[0]}), the model has "
                          f"model.vocab_size={vocab_size}: ids must lie in [0, {vocab_size})")
+
+
+def _check_template(prefix: str, manifest: dict, template: str) -> None:
+    """Supervised shards must be in the stage's template; the others are "plain" by construction.
+    One template per stage, so a mix is refused too (each shard is compared with the config)."""
+    source = manifest.get("source")
+    if not (isinstance(source, dict) and source.get("kind") == "sft"):
+        return
+    recorded = manifest.get("template")
+    if recorded is None:
+        raise ShardError(f"{prefix}: supervised shard without a recorded template (made before templates "
+                         f"were recorded: chatml, no loss on <|im_end|>); re-run solo-preprocess sft --template ...")
+    if recorded != template:
+        raise ShardError(f"{prefix}: supervised shard laid out in template {recorded!r}, the stage config says "
+                         f"data.template={template!r}; re-run solo-preprocess sft --template {template} or set "
+                         f"data.template={recorded}")

@@ -33,7 +33,8 @@ class StepPrefetcher:
     def _load(self, step: int) -> list[PackedBatch]:
         samples = self.data.rank_batch(step, self.dp_rank, self.dp_size)
         m = self.micro_batch_size
-        return [collate(samples[i:i + m], self.data.seq_length, self.pad_id) for i in range(0, len(samples), m)]
+        return [collate(samples[i:i + m], self.data.seq_length, self.pad_id, self.data.stop_id)
+                for i in range(0, len(samples), m)]
 
     def get(self, step: int) -> list[PackedBatch]:
         ahead = self._next

@@ -8,8 +8,9 @@ output folder OUT and shard k, prefix = OUT/shard-{k:05d}:
   at most seq_length tokens is one IndexedDataset "document" (the reader pads the rest).
 * `{prefix}.loss.bin/.idx`    uint8, same sequence lengths and grouping; loss[i] = 1 means token i
   is a prediction target (predicted from the tokens before it in its sequence). Never 1 on an id
-  >= 32000 nor on `<s>` (every document starts with it); solo-preprocess also leaves it 0 on the
-  first token of every sequence, which has nothing before it to be predicted from.
+  >= 32000 (but the template's stop id, chatml's `<|im_end|>`) nor on `<s>` (every document
+  starts with it); solo-preprocess also leaves it 0 on the first token of every sequence, which
+  has nothing before it to be predicted from.
 * `{prefix}.pixels.bin/.idx`  uint8. One sequence per image: its patches as `solo.vision.patchify`
   gives them (row-major grid, (channel, row, column) inside a patch), flattened, so a sequence is
   n_patches * 3 * P * P values; grouped per packed sample in the order the images' `<vpatch>` runs
@@ -69,7 +70,7 @@ from solo.fileio import (
     replace_durably,
     temp_path,
 )
-from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
+from solo.tokenizer import SP_VOCAB_SIZE, TOKEN_IDS, VOCAB_SIZE
 
 # Shards are local files written by kernel copy under temp names: megatron-core's I/O must not go
 # through multi-storage-client (megatron_patches/local_files.py). Applied on import, since
@@ -78,9 +79,8 @@ local_files.apply()
 
 PARTS = {"tokens": np.int32, "loss": np.uint8, "pixels": np.uint8}
 FORMAT_VERSION = 1
-BOS_ID = 1
-PATCH_ID = SP_VOCAB_SIZE + SPECIAL_TOKENS.index("<vpatch>")
-VOCAB_SIZE = SP_VOCAB_SIZE + len(SPECIAL_TOKENS)  # token ids a shard may hold: 0..VOCAB_SIZE-1
+BOS_ID = TOKEN_IDS.bos_id
+PATCH_ID = TOKEN_IDS.patch_id
 LOSS_FLAGS = (0, 1)
 
 
@@ -160,7 +160,8 @@ class ShardWriter:
     manifest and renames the manifest into place last.
     """
 
-    def __init__(self, prefix: str | Path, patch_size: int, seq_length: int | None = None):
+    def __init__(self, prefix: str | Path, patch_size: int, seq_length: int | None = None,
+                 stop_id: int | None = None):
         import torch  # megatron-core's add_item takes a tensor (zero-copy from numpy)
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -168,6 +169,7 @@ class ShardWriter:
         self.prefix = Path(prefix)
         self.patch_dim = 3 * patch_size**2
         self.seq_length = seq_length
+        self.stop_id = stop_id  # the template's turn-closing id: may carry loss (solo.templates)
         self.tmp = {part: temp_path(f"{self.prefix}.{part}") for part in PARTS}
         self.builders = {part: IndexedDatasetBuilder(f"{self.tmp[part]}.bin", dtype=dtype)
                          for part, dtype in PARTS.items()}
@@ -191,10 +193,11 @@ class ShardWriter:
         if outside.size:
             raise ShardError(f"{where}: token id {tokens[outside[0]]} at position {outside[0]} is outside "
                              f"[0, {VOCAB_SIZE})")
-        bad = np.flatnonzero((loss > 1) | ((loss == 1) & ((tokens >= SP_VOCAB_SIZE) | (tokens == BOS_ID))))
+        no_loss = ((tokens >= SP_VOCAB_SIZE) & (tokens != self.stop_id)) | (tokens == BOS_ID)
+        bad = np.flatnonzero((loss > 1) | ((loss == 1) & no_loss))
         if bad.size:
             raise ShardError(f"{where}: loss flag {loss[bad[0]]} on token {tokens[bad[0]]} at position "
-                             f"{bad[0]} (loss only on natural-language ids, never on <s>)")
+                             f"{bad[0]} (loss only on natural-language ids and the template's stop id, never on <s>)")
         for p in patches:
             if p.ndim != 2 or p.shape[1] != self.patch_dim or p.dtype != np.uint8:
                 raise ShardError(f"{where}: patches must be uint8 (n, {self.patch_dim}), got {p.dtype} {p.shape}")

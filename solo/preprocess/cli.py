@@ -6,7 +6,7 @@
     solo-preprocess captions --input 'cc3m/*' --output shards/cc3m          (an img2dataset folder)
     solo-preprocess captions --input energon_ds/ --split val --output shards/val
     solo-preprocess html     --input 'websight/*.parquet' --output shards/websight
-    solo-preprocess sft      --input llava.json --images llava/images --output shards/llava
+    solo-preprocess sft      --input llava.json --images llava/images --output shards/llava [--template chatml]
     solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama \
                              --exclude-subsets RedPajamaCommonCrawl,RedPajamaC4
     solo-preprocess stats shards/cc3m [--per-shard]
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from solo.preprocess.formats import STREAM_SUFFIXES, TAR_SUFFIXES, InputError, parse_fields, stream_format
+from solo.templates import SFT_TEMPLATES
 
 # Records per shard: enough tokens per shard that the last, partly filled sample costs < 1% at
 # seq_length 32768 (e.g. 8192 ImageNet images of ~300 tokens = 75 samples), few enough that a
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a record's one <image>: moved to the front of its turn as LLaVA's training does and the "
                    "SOLO processor places it (first, the default), or kept where the data put it (as-is); "
                    "records with several images always keep theirs")
+    p.add_argument("--template", default="solo-inst", choices=SFT_TEMPLATES,
+                   help="conversation layout (solo.templates): solo-inst, the released SOLO-7B's [INST] layout "
+                        "(default), or chatml")
     p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         options = Options(args.seq_length, args.patch_size, args.max_side, args.seed,
                           args.shard_size or DEFAULT_SHARD_SIZE[args.command])
         layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side,
-                        image_first=getattr(args, "image_position", "first") == "first")
+                        image_first=getattr(args, "image_position", "first") == "first",
+                        template=args.template if args.command == "sft" else "plain")
         manifest = run(source, layout, options, Path(args.output), args.workers)
         if manifest["totals"]["documents"] == 0:
             raise UsageError(f"--output {args.output}: no documents from {manifest['totals']['records']:,} records "

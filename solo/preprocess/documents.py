@@ -1,23 +1,20 @@
 """Records -> token documents with loss masks (docs/design.md "Tokens and pixels", "Loss").
 
 The Mistral sentencepiece model (through `solo.tokenizer`) encodes text; PIL and numpy (through
-`solo.vision`) turn images into patches. Layouts, with L = loss on those tokens:
+`solo.vision`) turn images into patches; `solo.templates` lays out conversations. Layouts, with
+L = loss on those tokens:
 
     imagenet  <s> IMAGE name</s>                       L: name, </s>
     captions  <s> IMAGE caption</s>                    L: caption, </s>
     html      <s> IMAGE html</s>                       L: html, </s>   (too long: html cut, no </s>)
     text      <s> text</s>                             L: all but <s>  (cut into seq_length pieces)
-    sft       <s> per turn: <|im_start|>user\\n ...IMAGE... <|im_end|>\\n
-                            <|im_start|>assistant\\n answer <|im_end|>\\n </s>
-                                                       L: answers, the final </s>
+    sft       the `--template` layout (solo-inst, chatml: see solo.templates)
+                                                       L: answers and the token closing each
 
 IMAGE is `<vision>` rows of `<vpatch>` separated by `<vrow_sep>` `</vision>`. No loss ever falls on
-an id >= 32000 nor on the first token of a sequence. Every text run that follows a special id is
-encoded with sentencepiece's dummy prefix, as HF's Mistral tokenizer does for the whole string
-(see `solo.tokenizer`); an SFT answer is encoded on its own without the prefix, because it
-continues "assistant\\n" (a newline is a byte-fallback piece, so no merge crosses that boundary
-and the ids equal those of the whole turn). The "\\n" after `<|im_end|>` carries no loss: it is
-template, fully determined by the `<|im_end|>` before it.
+an id >= 32000 (but the template's stop id) nor on the first token of a sequence. Every text run
+that follows a special id is encoded with sentencepiece's dummy prefix, as HF's Mistral tokenizer
+does for the whole string (see `solo.tokenizer`).
 
 Skip rules (a `Skip` names the reason; the shard counts it):
 * image errors from `solo.vision.load_image` (corrupt, not an image, empty file, decompression
@@ -38,6 +35,7 @@ import numpy as np
 
 from solo.preprocess.formats import Record
 from solo.preprocess.sources import ROLES
+from solo.templates import TemplateError, Turn, get_template
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import ImageLoadError, image_token_ids, load_image, patchify, resize_for_patches, target_size
 
@@ -73,6 +71,12 @@ class Layout:
     # sft: a record's one <image> moved to the front of its turn, as LLaVA's preprocess_multimodal
     # does and the SOLO processor places it at inference; records with several images keep theirs.
     image_first: bool = True
+    template: str = "solo-inst"  # the sft layout (solo.templates); the other kinds are "plain"
+
+
+def template_of(kind: str, layout: Layout) -> str:
+    """The template a shard of `kind` is laid out in (recorded in its manifest)."""
+    return layout.template if kind == "sft" else "plain"
 
 
 def build(kind: str, record: Record, layout: Layout) -> list[Document]:
@@ -172,9 +176,9 @@ def _text(record: Record, layout: Layout) -> list[Document]:
 
 
 def _sft(record: Record, layout: Layout) -> Document:
-    """A conversation with its images where their <image> markers stand (interleaved), as many as
-    the record has; markers missing altogether put the images at the start of the first user turn."""
-    tok = layout.tokenizer
+    """A conversation in the layout's template (solo.templates), its images where their <image>
+    markers stand, as many as the record has (markers missing altogether: the images open the first
+    user turn); a leading assistant turn is dropped and counted."""
     turns = record.conversations or []
     if not all(isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) for t in turns):
         raise Skip("bad_conversation", f"turns must be {{'from': one of {sorted(ROLES)}, 'value': str}}")
@@ -182,31 +186,17 @@ def _sft(record: Record, layout: Layout) -> Document:
     images = record.image if isinstance(record.image, list) else [] if record.image is None else [record.image]
     values = _place_images([t["value"] for t in turns], [ROLES[t["from"]] for t in turns], len(images),
                            layout.image_first)
-    if not any(ROLES[t["from"]] == "assistant" and v for t, v in zip(turns, values, strict=True)):
-        raise Skip("bad_conversation", "no assistant answer to learn")
-    patches = []
-    t = _Tokens()
-    t.add([tok.bos_id])
-    newline = tok.encode("\n")
-    for turn, value in zip(turns, values, strict=True):
-        role = ROLES[turn["from"]]
-        t.add([tok.im_start_id])
-        if role == "assistant":
-            t.add(tok.encode("assistant\n"))
-            t.add(tok.encode(value, prefix_space=False), loss=True)
-        else:
-            first, *rest = value.split(IMAGE_MARKER) if role == "user" else [value]
-            t.add(tok.encode(f"{role}\n{first}"))
-            for after in rest:  # an image, then the text up to the next one
-                image_ids, image_patches = _image(images[len(patches)], record.key, layout)
-                t.add(image_ids)
-                patches.append(image_patches)
-                if after:
-                    t.add(tok.encode(after))
-        t.add([tok.im_end_id])
-        t.add(newline)
-    t.add([tok.eos_id], loss=True)
-    doc = _check_length(t.document(patches), layout)
+    turns = [Turn(ROLES[t["from"]], v) for t, v in zip(turns, values, strict=True)]
+    template = get_template(layout.template)
+    try:  # the structure first: a malformed record is skipped before its images are decoded
+        template.check(turns, len(images))
+    except TemplateError as e:
+        raise Skip("bad_conversation", str(e)) from None
+    decoded = [_image(image, record.key, layout) for image in images]
+    encoded = template.conversation(layout.tokenizer, turns, [ids for ids, _ in decoded])
+    doc = Document(np.array(encoded.ids, dtype=np.int32), np.array(encoded.loss, dtype=np.uint8),
+                   [patches for _, patches in decoded])
+    doc = _check_length(doc, layout)
     doc.dropped = dropped
     return doc
 

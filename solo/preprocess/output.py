@@ -19,6 +19,7 @@ from pathlib import Path
 from solo.data.shards import FORMAT_VERSION, ShardError, read_shard_manifest
 from solo.fileio import TEMP_PREFIX, atomic_write_json, fsync_dir
 from solo.preprocess import __version__
+from solo.preprocess.documents import template_of
 
 
 class UsageError(ValueError):
@@ -44,7 +45,7 @@ def spec_of(source, layout, options) -> tuple[dict, str]:
     with open(layout.tokenizer.model_file, "rb") as f:
         tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
     spec = {"tool_version": __version__, "format_version": FORMAT_VERSION, "source": source.spec(),
-            "tokenizer_sha256": tokenizer_sha, **asdict(options)}
+            "tokenizer_sha256": tokenizer_sha, "template": template_of(source.kind, layout), **asdict(options)}
     if source.kind == "sft":
         spec["image_first"] = layout.image_first
     return spec, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

@@ -32,9 +32,10 @@ import numpy as np
 from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
 from solo.fileio import discard, naming, temp_path
 from solo.preprocess import __version__, output
-from solo.preprocess.documents import Document, Layout, Skip, build, padded_images
+from solo.preprocess.documents import Document, Layout, Skip, build, padded_images, template_of
 from solo.preprocess.packing import pack
 from solo.preprocess.sources import ShardTask
+from solo.templates import get_template
 
 log = logging.getLogger("solo.preprocess")
 # Skip warnings shown per reason in each process: real corpora skip thousands of records for the
@@ -95,7 +96,8 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
                 spec_kind: str, shards_planned: int, progress=lambda records, tokens: None) -> dict:
     """Read, build, pack and write shard `task.index`; returns its manifest."""
     prefix = shard_prefix(out, task.index)
-    writer = ShardWriter(prefix, options.patch_size, options.seq_length)
+    writer = ShardWriter(prefix, options.patch_size, options.seq_length,
+                         stop_id=get_template(template_of(spec_kind, layout)).stop_id)
     spill = _Spill(temp_path(f"{prefix}.spill"))
     try:
         docs: list[tuple[np.ndarray, np.ndarray, list]] = []
@@ -145,7 +147,7 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
         manifest = writer.finish({
             "tool": "solo-preprocess", "tool_version": __version__, "shard": task.index,
             "shards_planned": shards_planned, "source": {"kind": spec_kind, "input": source.input, **task.description},
-            "spec_sha256": spec_sha, **asdict(options),
+            "spec_sha256": spec_sha, "template": template_of(spec_kind, layout), **asdict(options),
             "counts": {"records": counts["records"], "documents": counts["documents"],
                        "truncated": counts["truncated"], "padded_images": counts["padded"]},
             "skipped": dict(sorted(skipped.items())),
