@@ -215,7 +215,7 @@ class StepStats:
 @dataclass(frozen=True)
 class StepResult:
     stats: StepStats
-    lr: float  # after the schedule's step: the next step's
+    lr: float  # the next step's: after the schedule's step (which a faulty step does not take)
     grad_norm: float  # NaN for a faulty step
     flops: float  # model FLOPs of the step, all ranks (solo.metrics.training_flops)
     fault: str | None  # the non-finite verdict: what went wrong at which step and data position, or None
@@ -322,7 +322,10 @@ def train_step(training: Training, micro_batches: list[PackedBatch], step: int) 
         fault = None if updated and math.isfinite(grad_norm) else (
             f"non-finite gradients {position} with a finite loss {stats.loss:.4f}")
         weights_touched = updated
-    t.scheduler.step(increment=1)
+    if fault is None:
+        # As Megatron-LM (`if update_successful: opt_param_scheduler.step(...)`): the schedule counts
+        # applied updates, so a skipped batch (nonfinite_loss=skip) leaves the LR where it was.
+        t.scheduler.step(increment=1)
     return StepResult(
         stats=stats, lr=t.optimizer.param_groups[0]["lr"], grad_norm=float("nan") if fault else grad_norm,
         flops=training_flops(t.model.model_config, stats.tokens, stats.attention_pairs),
