@@ -99,3 +99,25 @@ def test_device_side_normalization_is_the_vision_modules_bit_for_bit():
     patches = np.random.default_rng(0).integers(0, 256, (300, 3 * 32 * 32), dtype=np.uint8)
     patches[0], patches[1] = 0, 255
     assert np.array_equal(on_device(torch.from_numpy(patches)).numpy(), normalize_patches(patches))
+
+
+@pytest.mark.parametrize("backend,cuda,kernel,fused", [
+    ("te", True, True, True),  # TransformerEngine on a GPU with apex's wgrad kernel: Megatron-LM's default
+    ("te", True, False, False),  # without apex the output layer (ColumnParallelLinear) would raise
+    ("te", False, True, False),  # the kernels are CUDA only
+    ("flex", True, True, False),  # local layers: unfused
+    ("local", False, False, False),
+])
+def test_gradient_accumulation_fusion_only_where_the_fused_kernels_exist(backend, cuda, kernel, fused):
+    from solo.model import gradient_accumulation_fusion
+
+    assert gradient_accumulation_fusion(backend, cuda, kernel) is fused
+
+
+def test_gradient_accumulation_fusion_is_off_in_the_cpu_config():
+    from solo.config import MODEL_PRESETS, ParallelConfig
+    from solo.model import transformer_config
+
+    for backend in ("local", "te"):
+        config = transformer_config(MODEL_PRESETS["tiny"], ParallelConfig(), backend=backend)
+        assert config.gradient_accumulation_fusion is False
