@@ -49,7 +49,7 @@ from solo.checkpoint import (
     save_checkpoint,
 )
 from solo.config import ConfigError, ParallelConfig, TrainConfig, load_config
-from solo.data.batch import PackedBatch, attention_inputs
+from solo.data.batch import PackedBatch, attention_inputs, broadcast_batch
 from solo.data.dataset import StageData
 from solo.data.prefetch import StepPrefetcher
 from solo.data.shards import ShardError
@@ -113,7 +113,11 @@ def train(cfg: TrainConfig) -> dict:
     result = {"stage": cfg.stage, "steps": steps, "losses": []}
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), training.layout["data_parallel"]
 
-    with StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, TOKEN_IDS.pad_id) as prefetch:
+    # One rank per tensor-parallel group reads (`train_step` broadcasts to the others); image bytes
+    # are read on the first pipeline stage only, the only one with the patch embedding.
+    reads = parallel_state.get_tensor_model_parallel_rank() == 0
+    with StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, TOKEN_IDS.pad_id, reads=reads,
+                        with_patches=parallel_state.is_pipeline_first_stage()) as prefetch:
         while step < steps:
             started = time.perf_counter()
             micro_batches = prefetch.get(step)  # read and collated (on the CPU) while the last step ran
@@ -296,21 +300,23 @@ def _schedule(optimizer: MegatronOptimizer, o: solo_config.OptimizerConfig, step
     )
 
 
-def train_step(training: Training, micro_batches: list[PackedBatch], step: int) -> StepResult:
-    """One optimizer step (`step`: 0-based) over this rank's collated micro batches of that step:
-    forward and backward through megatron-core's schedule, the statistics reduced over the ranks,
-    the optimizer and schedule steps, and the verdict on a non-finite loss or gradient (a faulty
-    step leaves weights and Adam state as they were, except where `weights_touched` says otherwise)."""
+def train_step(training: Training, micro_batches: list[PackedBatch | None], step: int) -> StepResult:
+    """One optimizer step (`step`: 0-based) over this rank's collated micro batches of that step
+    (None on tensor-parallel ranks but the first: they receive them): forward and backward through
+    megatron-core's schedule, the statistics reduced over the ranks, the optimizer and schedule
+    steps, and the verdict on a non-finite loss or gradient (a faulty step leaves weights, Adam
+    state and the LR schedule as they were, except where `weights_touched` says otherwise)."""
     t = training
     t.ddp.zero_grad_buffer()
     t.optimizer.zero_grad()
+    consumed: list[PackedBatch] = []  # the micro batches as the model saw them, for the statistics
     reduced = t.forward_backward(
         forward_step_func=inject_into_forward_step(t.forward_step, step + 1),  # off unless SOLO_FAULT_INJECT
-        data_iterator=(b.to(device()) for b in micro_batches),  # one micro batch on the device at a time
+        data_iterator=_device_batches(micro_batches, consumed),
         model=[t.ddp], num_microbatches=t.num_microbatches, seq_length=t.seq_length,
         micro_batch_size=t.micro_batch_size, forward_only=False,
     )
-    stats = _reduce_stats(reduced, micro_batches)
+    stats = _reduce_stats(reduced, consumed)
     first, last = step * t.global_batch_size, (step + 1) * t.global_batch_size - 1
     position = f"at step {step + 1} (data position: blend samples {first}..{last})"
     if not math.isfinite(stats.loss):
@@ -331,6 +337,20 @@ def train_step(training: Training, micro_batches: list[PackedBatch], step: int) 
         flops=training_flops(t.model.model_config, stats.tokens, stats.attention_pairs),
         fault=fault, weights_touched=weights_touched,
     )
+
+
+def _device_batches(micro_batches: list[PackedBatch | None], consumed: list[PackedBatch]):
+    """The micro batches on the device, one at a time, as megatron-core's schedule asks for them; under
+    tensor parallelism TP rank 0's, broadcast to the group (all its ranks ask at the same points of
+    the schedule, as Megatron-LM's `get_batch`)."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    for batch in micro_batches:
+        if tp_group.size() > 1:
+            batch = broadcast_batch(batch, device(), parallel_state.get_tensor_model_parallel_src_rank(), tp_group)
+        else:
+            batch = batch.to(device())
+        consumed.append(batch)
+        yield batch
 
 
 def _forward_step(backend, data_iterator, model):
@@ -360,7 +380,7 @@ def _loss(batch, per_token_loss):
 
 def _reduce_stats(reduced: list[dict], micro_batches: list[PackedBatch]) -> StepStats:
     """Losses of this step's micro batches (`reduced`) and what they cost (from `micro_batches`, the
-    collated micro batches), summed over the data-parallel ranks and the pipeline stages."""
+    micro batches the model saw), summed over the data-parallel ranks and the pipeline stages."""
     sums = torch.zeros(len(_STEP_SUMS), dtype=torch.float64, device=device())
     if reduced:  # only the last pipeline stage computes losses
         sums[:len(_LOSS_SUMS)] = torch.stack([torch.stack([r[k] for k in _LOSS_SUMS]) for r in reduced]).sum(0)
