@@ -132,6 +132,8 @@ def transformer_config(
         calculate_per_token_loss=True,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # The dtype of the activations sent between pipeline stages (megatron-core refuses PP > 1 without it).
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,

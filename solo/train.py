@@ -310,11 +310,12 @@ def train_step(training: Training, micro_batches: list[PackedBatch | None], step
     t.ddp.zero_grad_buffer()
     t.optimizer.zero_grad()
     consumed: list[PackedBatch] = []  # the micro batches as the model saw them, for the statistics
+    seq_length, micro_batch_size = activation_shape(t.model.backend, t.seq_length, t.micro_batch_size)
     reduced = t.forward_backward(
         forward_step_func=inject_into_forward_step(t.forward_step, step + 1),  # off unless SOLO_FAULT_INJECT
         data_iterator=_device_batches(micro_batches, consumed),
-        model=[t.ddp], num_microbatches=t.num_microbatches, seq_length=t.seq_length,
-        micro_batch_size=t.micro_batch_size, forward_only=False,
+        model=[t.ddp], num_microbatches=t.num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=False,
     )
     stats = _reduce_stats(reduced, consumed)
     first, last = step * t.global_batch_size, (step + 1) * t.global_batch_size - 1
@@ -351,6 +352,13 @@ def _device_batches(micro_batches: list[PackedBatch | None], consumed: list[Pack
             batch = batch.to(device())
         consumed.append(batch)
         yield batch
+
+
+def activation_shape(backend: str, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
+    """(sequence, batch) of the [s, b, h] activations megatron-core's schedule sends between pipeline
+    stages: the packed backends run a micro batch as one row of b x s tokens (`PackedBatch.as_one_row`),
+    so their activations are [b*s, 1, h]; the local backend keeps [s, b, h]."""
+    return (seq_length, micro_batch_size) if backend == "local" else (seq_length * micro_batch_size, 1)
 
 
 def _forward_step(backend, data_iterator, model):
