@@ -1,6 +1,7 @@
 """Every advertised layout trains the same model as one rank: pipeline parallel (TP=1 x PP=2,
-TP=2 x PP=2, checkpoints resharded between PP=1 and PP=2). Real `solo-train` runs under torchrun
-on gloo ranks, a tiny model on 256-token rows, micro batches of 2 rows; fp32 losses agree to rel 1e-5 (the layouts only
+TP=2 x PP=2, checkpoints resharded between PP=1 and PP=2) and the paper's TP=2 x DP=4 with the
+distributed optimizer on 8 ranks. Real `solo-train` runs under torchrun on gloo ranks, a tiny model
+on 256-token rows, micro batches of 2 rows; fp32 losses agree to rel 1e-5 (the layouts only
 reorder float sums)."""
 
 import json
@@ -86,3 +87,14 @@ def test_packed_backend_sends_b_times_s_rows_between_stages(root, pipeline, tmp_
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["pp1"] > 0 and out["pp2"] == pytest.approx(out["pp1"], rel=1e-5)
     assert out["seeds_pp2"] == [1234, 1334] and out["seeds_pp1"] == [1234, 1234]  # seed + 100 x stage
+
+
+def test_paper_layout_tp2_dp4_distributed_optimizer_on_8_ranks_equals_one_rank(root):
+    """SOLO's layout (8 GPUs: TP=2, DP=4, the distributed optimizer sharding Adam over DP) against one
+    rank, both from the same random init (CPU initialization is independent of TP and DP)."""
+    one = run(root, root / "runs" / "one-rank", 1, train_steps=3, **parallel(1, 1))
+    paper = run(root, root / "runs" / "tp2-dp4", 8, train_steps=3, **parallel(2, 1))
+    meta = json.loads((paper / "iter_0000003" / "solo_meta.json").read_text())
+    assert meta["parallel"] == {"tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 4}
+    assert meta["config"]["parallel"]["use_distributed_optimizer"] is True
+    assert len(losses(one)) == 3 and losses(paper) == pytest.approx(losses(one), rel=1e-5)
