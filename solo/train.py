@@ -395,7 +395,8 @@ def _reduce_stats(reduced: list[dict], micro_batches: list[PackedBatch]) -> Step
     if parallel_state.is_pipeline_first_stage():  # counted once per pipeline
         sums[_STEP_SUMS.index("tokens")] = sum(b.tokens.numel() for b in micro_batches)
         lengths = [(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() for b in micro_batches]  # padding: a document
-        sums[_STEP_SUMS.index("attention_pairs")] = sum(float((n * (n + 1) / 2).sum()) for n in lengths)
+        # Summed on the device: the micro batches are there (received or copied), and no sync is needed.
+        sums[_STEP_SUMS.index("attention_pairs")] = torch.stack([(n * (n + 1) / 2).sum() for n in lengths]).sum()
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
     s = dict(zip(_STEP_SUMS, sums.tolist(), strict=True))
