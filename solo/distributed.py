@@ -37,8 +37,8 @@ def init_distributed(
 ) -> None:
     """Apply megatron_patches, join the torchrun world (or a world of one), build megatron-core's groups, seed RNGs.
 
-    The model-parallel RNG tracker gets the same seed on every rank so that
-    `use_cpu_initialization` gives TP-independent weights.
+    The model-parallel RNG tracker gets the same seed on every rank of a pipeline stage so that
+    `use_cpu_initialization` gives TP-independent weights; pipeline stage k adds 100 * k.
     """
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as mcore_tp
@@ -71,6 +71,9 @@ def init_distributed(
             pipeline_model_parallel_size=pipeline_parallel,
             context_parallel_size=context_parallel,
         )
+    # As Megatron-LM's `_set_random_seed`: every pipeline stage its own seed (its layers are other
+    # layers), the same across tensor and data parallelism.
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     mcore_tp.model_parallel_cuda_manual_seed(seed)
 

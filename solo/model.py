@@ -77,6 +77,21 @@ def layer_spec(backend: str, config: TransformerConfig):
     )
 
 
+def gradient_accumulation_fusion(backend: str, cuda: bool, fused_wgrad_kernel: bool) -> bool:
+    """Accumulate weight gradients into the fp32 grad buffer inside the wgrad GEMM (Megatron-LM's
+    default): saves a bf16 gradient per weight and an add per micro batch (32 of them per step in the
+    paper's recipe). It needs fused kernels: TransformerEngine's own (its layers, the "te" spec) and
+    apex's `fused_weight_gradient_mlp_cuda` for the rest (megatron-core's ColumnParallelLinear output
+    layer raises without it), both CUDA only. The local layers (CPU, "flex") stay unfused."""
+    return backend == "te" and cuda and fused_wgrad_kernel
+
+
+def _fused_wgrad_kernel_available() -> bool:
+    from megatron.core.tensor_parallel import layers
+
+    return layers._grad_accum_fusion_available  # megatron-core 0.16: apex's kernel imported
+
+
 def transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -85,6 +100,7 @@ def transformer_config(
     recompute_granularity: str = "full",
     recompute_method: str = "block",
     use_cpu_initialization: bool = True,
+    backend: str = "local",
 ) -> TransformerConfig:
     """Mistral-style decoder (SwiGLU, RMSNorm, GQA, no biases, no dropout) as megatron-core sees it.
     Recompute (TrainConfig's recompute_*): `full` with recompute_num_layers 0 is off."""
@@ -114,10 +130,13 @@ def transformer_config(
         calculate_per_token_loss=True,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # The dtype of the activations sent between pipeline stages (megatron-core refuses PP > 1 without it).
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=gradient_accumulation_fusion(
+            backend, torch.cuda.is_available(), _fused_wgrad_kernel_available()),
         **recompute_settings(recompute_granularity, recompute_method, recompute_num_layers),
     )
 
@@ -225,7 +244,7 @@ def build_model(
     backend = backend or default_backend()
     config = transformer_config(model, parallel, bf16=bf16, recompute_num_layers=recompute_num_layers,
                                 recompute_granularity=recompute_granularity, recompute_method=recompute_method,
-                                use_cpu_initialization=use_cpu_initialization)
+                                use_cpu_initialization=use_cpu_initialization, backend=backend)
     solo = SOLOModel(
         config, model, backend,
         pre_process=parallel_state.is_pipeline_first_stage(),

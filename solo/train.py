@@ -50,7 +50,7 @@ from solo.checkpoint import (
     save_checkpoint,
 )
 from solo.config import ConfigError, ParallelConfig, TrainConfig, load_config
-from solo.data.batch import PackedBatch, attention_inputs
+from solo.data.batch import PackedBatch, attention_inputs, broadcast_batch
 from solo.data.dataset import StageData
 from solo.data.prefetch import StepPrefetcher
 from solo.data.shards import ShardError
@@ -120,7 +120,11 @@ def train(cfg: TrainConfig) -> dict:
     result = {"stage": cfg.stage, "steps": steps, "losses": []}
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), training.layout["data_parallel"]
 
-    with StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, TOKEN_IDS.pad_id) as prefetch:
+    # One rank per tensor-parallel group reads (`train_step` broadcasts to the others); image bytes
+    # are read on the first pipeline stage only, the only one with the patch embedding.
+    reads = parallel_state.get_tensor_model_parallel_rank() == 0
+    with StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, TOKEN_IDS.pad_id, reads=reads,
+                        with_patches=parallel_state.is_pipeline_first_stage()) as prefetch:
         while step < steps:
             started = time.perf_counter()
             micro_batches = prefetch.get(step)  # read and collated (on the CPU) while the last step ran
@@ -222,7 +226,7 @@ class StepStats:
 @dataclass(frozen=True)
 class StepResult:
     stats: StepStats
-    lr: float  # after the schedule's step: the next step's
+    lr: float  # the next step's: after the schedule's step (which a faulty step does not take)
     grad_norm: float  # NaN for a faulty step
     flops: float  # model FLOPs of the step, all ranks (solo.metrics.training_flops)
     fault: str | None  # the non-finite verdict: what went wrong at which step and data position, or None
@@ -304,21 +308,24 @@ def _schedule(optimizer: MegatronOptimizer, o: solo_config.OptimizerConfig, step
     )
 
 
-def train_step(training: Training, micro_batches: list[PackedBatch], step: int) -> StepResult:
-    """One optimizer step (`step`: 0-based) over this rank's collated micro batches of that step:
-    forward and backward through megatron-core's schedule, the statistics reduced over the ranks,
-    the optimizer and schedule steps, and the verdict on a non-finite loss or gradient (a faulty
-    step leaves weights and Adam state as they were, except where `weights_touched` says otherwise)."""
+def train_step(training: Training, micro_batches: list[PackedBatch | None], step: int) -> StepResult:
+    """One optimizer step (`step`: 0-based) over this rank's collated micro batches of that step
+    (None on tensor-parallel ranks but the first: they receive them): forward and backward through
+    megatron-core's schedule, the statistics reduced over the ranks, the optimizer and schedule
+    steps, and the verdict on a non-finite loss or gradient (a faulty step leaves weights, Adam
+    state and the LR schedule as they were, except where `weights_touched` says otherwise)."""
     t = training
     t.ddp.zero_grad_buffer()
     t.optimizer.zero_grad()
+    consumed: list[PackedBatch] = []  # the micro batches as the model saw them, for the statistics
+    seq_length, micro_batch_size = activation_shape(t.model.backend, t.seq_length, t.micro_batch_size)
     reduced = t.forward_backward(
         forward_step_func=inject_into_forward_step(t.forward_step, step + 1),  # off unless SOLO_FAULT_INJECT
-        data_iterator=(b.to(device()) for b in micro_batches),  # one micro batch on the device at a time
-        model=[t.ddp], num_microbatches=t.num_microbatches, seq_length=t.seq_length,
-        micro_batch_size=t.micro_batch_size, forward_only=False,
+        data_iterator=_device_batches(micro_batches, consumed),
+        model=[t.ddp], num_microbatches=t.num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=False,
     )
-    stats = _reduce_stats(reduced, micro_batches)
+    stats = _reduce_stats(reduced, consumed)
     first, last = step * t.global_batch_size, (step + 1) * t.global_batch_size - 1
     position = f"at step {step + 1} (data position: blend samples {first}..{last})"
     if not math.isfinite(stats.loss):
@@ -330,12 +337,36 @@ def train_step(training: Training, micro_batches: list[PackedBatch], step: int) 
         fault = None if updated and math.isfinite(grad_norm) else (
             f"non-finite gradients {position} with a finite loss {stats.loss:.4f}")
         weights_touched = updated
-    t.scheduler.step(increment=1)
+    if fault is None:
+        # As Megatron-LM (`if update_successful: opt_param_scheduler.step(...)`): the schedule counts
+        # applied updates, so a skipped batch (nonfinite_loss=skip) leaves the LR where it was.
+        t.scheduler.step(increment=1)
     return StepResult(
         stats=stats, lr=t.optimizer.param_groups[0]["lr"], grad_norm=float("nan") if fault else grad_norm,
         flops=training_flops(t.model.model_config, stats.tokens, stats.attention_pairs),
         fault=fault, weights_touched=weights_touched,
     )
+
+
+def _device_batches(micro_batches: list[PackedBatch | None], consumed: list[PackedBatch]):
+    """The micro batches on the device, one at a time, as megatron-core's schedule asks for them; under
+    tensor parallelism TP rank 0's, broadcast to the group (all its ranks ask at the same points of
+    the schedule, as Megatron-LM's `get_batch`)."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    for batch in micro_batches:
+        if tp_group.size() > 1:
+            batch = broadcast_batch(batch, device(), parallel_state.get_tensor_model_parallel_src_rank(), tp_group)
+        else:
+            batch = batch.to(device())
+        consumed.append(batch)
+        yield batch
+
+
+def activation_shape(backend: str, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
+    """(sequence, batch) of the [s, b, h] activations megatron-core's schedule sends between pipeline
+    stages: the packed backends run a micro batch as one row of b x s tokens (`PackedBatch.as_one_row`),
+    so their activations are [b*s, 1, h]; the local backend keeps [s, b, h]."""
+    return (seq_length, micro_batch_size) if backend == "local" else (seq_length * micro_batch_size, 1)
 
 
 def _forward_step(backend, data_iterator, model):
@@ -365,14 +396,15 @@ def _loss(batch, per_token_loss):
 
 def _reduce_stats(reduced: list[dict], micro_batches: list[PackedBatch]) -> StepStats:
     """Losses of this step's micro batches (`reduced`) and what they cost (from `micro_batches`, the
-    collated micro batches), summed over the data-parallel ranks and the pipeline stages."""
+    micro batches the model saw), summed over the data-parallel ranks and the pipeline stages."""
     sums = torch.zeros(len(_STEP_SUMS), dtype=torch.float64, device=device())
     if reduced:  # only the last pipeline stage computes losses
         sums[:len(_LOSS_SUMS)] = torch.stack([torch.stack([r[k] for k in _LOSS_SUMS]) for r in reduced]).sum(0)
     if parallel_state.is_pipeline_first_stage():  # counted once per pipeline
         sums[_STEP_SUMS.index("tokens")] = sum(b.tokens.numel() for b in micro_batches)
         lengths = [(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() for b in micro_batches]  # padding: a document
-        sums[_STEP_SUMS.index("attention_pairs")] = sum(float((n * (n + 1) / 2).sum()) for n in lengths)
+        # Summed on the device: the micro batches are there (received or copied), and no sync is needed.
+        sums[_STEP_SUMS.index("attention_pairs")] = torch.stack([(n * (n + 1) / 2).sum() for n in lengths]).sum()
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
     s = dict(zip(_STEP_SUMS, sums.tolist(), strict=True))

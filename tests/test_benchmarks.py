@@ -4,6 +4,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,12 @@ def test_train_throughput_runs_the_training_step_path(tmp_path):
     assert [c["step"] for c in calls] == [0, 1, 2] * 3
     assert [c["loss"] for c in calls] == [loss for r in results for loss in r["losses"]]
     assert [(c["flops"], c["tokens"]) for c in calls[2::3]] == [(r["flops"], r["tokens"]) for r in results]
+
+
+def test_read_ahead_memory_measures_a_reading_and_a_receiving_tp_rank():
+    out = run("read_ahead_memory.py")
+    reading = re.search(r"a rank that reads\s*: RSS \+\s*([\d.]+) MiB, collated tensors\s*([\d.]+) MiB", out)
+    receiving = re.search(r"a rank that receives\s*: RSS \+\s*([\d.]+) MiB, collated tensors\s*([\d.]+) MiB", out)
+    assert reading and receiving, out[-3000:]
+    assert float(reading.group(2)) > 1 and float(receiving.group(2)) == 0.0
+    assert "TP rank != 0: before" in out

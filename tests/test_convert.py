@@ -166,7 +166,8 @@ def test_hf_to_solo_to_hf_gives_back_the_mistral_weights_bit_for_bit(work):
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         special = exported["language_model." + name][32000:]
         torch.testing.assert_close(special, work.mistral[name].mean(0).expand_as(special), rtol=0, atol=1e-7)
-    assert torch.equal(exported["vision_embed_tokens.bias"], exported["language_model.model.embed_tokens.weight"][32001])
+    embed = exported["language_model.model.embed_tokens.weight"]
+    assert torch.equal(exported["vision_embed_tokens.bias"], embed[32001])
     # The fresh projection: normal(0, initializer_range) from the seeded CPU generator (--seed 1234).
     draw = torch.randn(HIDDEN, 3 * P * P, generator=torch.Generator().manual_seed(1234)) * 0.02
     assert torch.equal(patch_columns_from_fuyu(exported["vision_embed_tokens.weight"], P), draw)
@@ -174,7 +175,8 @@ def test_hf_to_solo_to_hf_gives_back_the_mistral_weights_bit_for_bit(work):
 
 def test_authors_format_keeps_its_patch_projection_and_special_rows(work):
     exported = read_all(work.root / "hf_b")
-    assert len(set(json.loads((work.root / "hf_b" / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    index = json.loads((work.root / "hf_b" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
     for name, original in work.authors.items():
         if name == "model.embed_vision_patch.weight":
             got = patch_columns_from_fuyu(exported["vision_embed_tokens.weight"], P)
@@ -223,7 +225,8 @@ def test_exported_tokenizer_matches_solo_tokenizer(work):
 
     hf = AutoTokenizer.from_pretrained(work.root / "hf_a")
     assert len(hf) == 33031 and hf.bos_token_id == 1 and hf.eos_token_id == 2
-    assert hf.convert_tokens_to_ids(["<vision>", "<vpatch>", "<loc_1024>", "<|im_end|>"]) == [32000, 32001, 33028, 33030]
+    ids = hf.convert_tokens_to_ids(["<vision>", "<vpatch>", "<loc_1024>", "<|im_end|>"])
+    assert ids == [32000, 32001, 33028, 33030]
     for text in ["Hello this is a test", "The quick brown fox.\n\nNext line", "日本語 and 123"]:
         assert hf.encode(text) == [TOK.bos_id] + TOK.encode(text)
     # Literal special-token strings stay text, as in SOLOTokenizer (special ids are inserted by id).
@@ -243,7 +246,8 @@ DOCUMENTS = [
     "<!DOCTYPE html>\n<html>\n  <head><title>T</title></head>\n  <body>\n    <p class=\"x\">Hi&nbsp;there</p>\n"
     "  </body>\n</html>\n",
     "\\begin{align}\n  e^{i\\pi} + 1 &= 0 \\\\\n  \\frac{a}{b}  &\\le \\sqrt{x}\n\\end{align}",
-    "日本語のテキスト、中文文本 and 한국어 123 4567", "emoji 😀🎉👍🏽 mixed", "<vision><vpatch></vision> <s> </s> <unk>",
+    "日本語のテキスト、中文文本 and 한국어 123 4567", "emoji 😀🎉👍🏽 mixed",
+    "<vision><vpatch></vision> <s> </s> <unk>",
     "<|im_start|>user\nhi<|im_end|>", "<loc_5><loc_1024>", "    ", "\n", "",
 ]
 
@@ -439,13 +443,14 @@ def test_qkv_and_fc1_layout_round_trip():
     q, k, v = torch.randn(HEADS * d, HIDDEN), torch.randn(GROUPS * d, HIDDEN), torch.randn(GROUPS * d, HIDDEN)
     qkv = torch.empty((HEADS + 2 * GROUPS) * d, HIDDEN)
     for part, t in (("q", q), ("k", k), ("v", v)):
-        write_hf(qkv, Entry("model.layers.0.self_attn.%s_proj.weight" % part, "x", part), t, model)
+        write_hf(qkv, Entry(f"model.layers.0.self_attn.{part}_proj.weight", "x", part), t, model)
     # megatron-core's order: per group, its 2 query heads, then its key head, then its value head.
     rows = qkv.view(GROUPS, HEADS // GROUPS + 2, d, HIDDEN)
-    assert torch.equal(rows[1, 0], q.view(HEADS, d, HIDDEN)[2]) and torch.equal(rows[1, 2], k.view(GROUPS, d, HIDDEN)[1])
+    assert torch.equal(rows[1, 0], q.view(HEADS, d, HIDDEN)[2])
+    assert torch.equal(rows[1, 2], k.view(GROUPS, d, HIDDEN)[1])
     assert torch.equal(rows[0, 3], v.view(GROUPS, d, HIDDEN)[0])
     for part, t in (("q", q), ("k", k), ("v", v)):
-        assert torch.equal(read_hf(qkv, Entry("model.layers.0.self_attn.%s_proj.weight" % part, "x", part), model), t)
+        assert torch.equal(read_hf(qkv, Entry(f"model.layers.0.self_attn.{part}_proj.weight", "x", part), model), t)
     fc1 = torch.empty(2 * FFN, HIDDEN)
     gate, up = torch.randn(FFN, HIDDEN), torch.randn(FFN, HIDDEN)
     write_hf(fc1, Entry("model.layers.0.mlp.gate_proj.weight", "x", "gate"), gate, model)

@@ -115,3 +115,25 @@ def test_every_recompute_setting_gives_the_loss_and_gradients_of_no_recompute(tm
     for name in ("full_uniform_2", "full_uniform_4", "full_block_1", "full_block_4", "selective"):
         np.testing.assert_allclose(runs[f"{name}_loss"], ref_loss, rtol=1e-6, err_msg=name)
         np.testing.assert_allclose(runs[f"{name}_grad"], ref_grad, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("backend,cuda,kernel,fused", [
+    ("te", True, True, True),  # TransformerEngine on a GPU with apex's wgrad kernel: Megatron-LM's default
+    ("te", True, False, False),  # without apex the output layer (ColumnParallelLinear) would raise
+    ("te", False, True, False),  # the kernels are CUDA only
+    ("flex", True, True, False),  # local layers: unfused
+    ("local", False, False, False),
+])
+def test_gradient_accumulation_fusion_only_where_the_fused_kernels_exist(backend, cuda, kernel, fused):
+    from solo.model import gradient_accumulation_fusion
+
+    assert gradient_accumulation_fusion(backend, cuda, kernel) is fused
+
+
+def test_gradient_accumulation_fusion_is_off_in_the_cpu_config():
+    from solo.config import MODEL_PRESETS, ParallelConfig
+    from solo.model import transformer_config
+
+    for backend in ("local", "te"):
+        config = transformer_config(MODEL_PRESETS["tiny"], ParallelConfig(), backend=backend)
+        assert config.gradient_accumulation_fusion is False

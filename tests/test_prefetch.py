@@ -74,3 +74,18 @@ def test_leaving_the_with_block_by_an_exception_closes_the_prefetcher(folders):
     assert prefetch._pool._shutdown
     with pytest.raises(RuntimeError, match="after shutdown"):
         prefetch.get(3)  # reads step 3 here, then may not hand step 4 to the closed thread
+
+
+@pytest.mark.distributed
+def test_one_tp_rank_reads_and_the_others_receive_the_same_batches(tmp_path):
+    """Megatron-LM's data path: TP rank 0 reads and collates, TP rank 1 reads nothing and receives
+    every field (uint8 patches, bool vision mask, a batch without images) unchanged."""
+    import json
+
+    from tests.torchrun import torchrun
+
+    torchrun("broadcast_checks.py", 2, "--out", tmp_path / "out.json")
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["received_nothing"] and out["patches"] == [10, 0]
+    fields = ["tokens", "labels", "loss_mask", "vision_mask", "position_ids", "cu_seqlens", "patches"]
+    assert out["fields"] == [dict.fromkeys(fields, True)] * 2

@@ -488,15 +488,31 @@ def test_nonfinite_loss_skip_leaves_the_weights_of_that_step_unchanged(root, fau
     curve = losses(save_dir)
     assert len(curve) == 4 and np.isfinite([curve[0], curve[1], curve[3]]).all()
     assert np.isnan(curve[2]) == (fault == "nonfinite_loss")
-    # Step 3 changed nothing but the schedule: weights, Adam moments and Adam step counts as after step 2.
-    assert_same_state(save_dir / "iter_0000002", save_dir / "iter_0000003",
-                      skip=("common/scheduler", "/lr", "rng_state"))
+    # Step 3 changed nothing, the schedule included: weights, Adam moments and step counts, LR as after step 2.
+    assert_same_state(save_dir / "iter_0000002", save_dir / "iter_0000003", skip=("rng_state",))
     after = checkpoint_state(save_dir / "iter_0000004")
     before = checkpoint_state(save_dir / "iter_0000003")
     weights = [k for k in after if k.startswith("dcp/") and "optimizer" not in k and isinstance(after[k], torch.Tensor)
                and after[k].is_floating_point()]
     assert all(torch.isfinite(after[k]).all() for k in weights)
     assert any(not torch.equal(after[k], before[k]) for k in weights), "step 4 should train again"
+
+
+def lrs(save_dir: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.distributed
+def test_a_skipped_step_does_not_advance_the_lr_schedule(root, reference):
+    """As Megatron-LM: the schedule steps on applied updates only. The logged lr is the one the next
+    step uses, so skipping step 2 shifts the whole curve by one step."""
+    save_dir = root / "runs" / "skip-lr"
+    proc = launch(config(root, save_dir, nonfinite_loss="skip"), env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=2"})
+    log = output(proc)
+    assert proc.returncode == 0 and "skipping this batch" in log, log[-4000:]
+    faulty, clean = lrs(save_dir), lrs(reference)
+    assert faulty[1] == faulty[0] == clean[0]  # step 3 runs at the LR of step 2 of the clean run
+    assert faulty[1:] == clean[:-1] and faulty[-1] != clean[-1]
 
 
 # -- 7. Fuzzing the readers of untrusted input ---------------------------------------------------

@@ -8,7 +8,8 @@ raw uint8 patches in the order their `<vpatch>` tokens appear (SOLOModel normali
 device: a quarter of the bytes of float32 to copy and to move, and no CPU pass over them).
 `attention_inputs` turns the boundaries into what the chosen attention backend needs: a
 block-diagonal causal mask (CPU, local spec) or megatron-core `PackedSeqParams` (FlexAttention or
-TransformerEngine THD).
+TransformerEngine THD). `broadcast_batch` hands a collated batch from the one tensor-parallel rank
+that read it to the others (torch.distributed).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from solo.data.shards import VOCAB_SIZE, ShardError
@@ -112,6 +114,33 @@ def _check_values(samples, tokens: np.ndarray, flags: np.ndarray, vocab_size: in
     where = getattr(samples[r], "origin", "") or f"packed sample {r}"
     raise ShardError(f"{where}: {what} at position {j} (ids are 0..{vocab_size - 1}, flags 0 or 1): "
                      "the shard's files changed after it was written; data.verify_checksums=true finds which")
+
+
+_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32, "vision_mask": torch.bool,
+           "position_ids": torch.int64, "cu_seqlens": torch.int32, "patches": torch.uint8}
+
+
+def broadcast_batch(batch: PackedBatch | None, device, src: int, group) -> PackedBatch:
+    """Rank `src`'s collated micro batch, on `device` on every rank of `group` (the others pass None).
+
+    As Megatron-LM's `get_batch_on_this_tp_rank`: one rank per tensor-parallel group reads and
+    collates, the rest receive, so the group holds one copy of the read-ahead in host memory, not
+    TP copies. The sizes go first (rows, sequence, boundaries, patches), then the tensors."""
+    if batch is not None:
+        batch = batch.to(device)
+        sizes = [*batch.tokens.shape, batch.cu_seqlens.numel(), *batch.patches.shape]
+    header = torch.tensor(sizes if batch is not None else [0] * 5, dtype=torch.int64, device=device)
+    dist.broadcast(header, src, group=group)
+    rows, seq, boundaries, n_patches, patch_dim = header.tolist()
+    shapes = {"cu_seqlens": (boundaries,), "patches": (n_patches, patch_dim)}
+    tensors = {}
+    for name, dtype in _DTYPES.items():
+        tensor = getattr(batch, name) if batch is not None else torch.empty(
+            shapes.get(name, (rows, seq)), dtype=dtype, device=device)
+        if tensor.numel():  # gloo takes no empty tensors; both sides know the size
+            dist.broadcast(tensor.view(torch.uint8) if dtype == torch.bool else tensor, src, group=group)
+        tensors[name] = tensor
+    return PackedBatch(**tensors)
 
 
 def block_diagonal_causal_mask(cu_seqlens: torch.Tensor, rows: int, seq_length: int) -> torch.Tensor:

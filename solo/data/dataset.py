@@ -57,11 +57,14 @@ class PackedShardDataset(MegatronDataset):
         return self.num_samples
 
     def __getitem__(self, idx: int) -> dict:
+        return {"sample": self.read(idx)}
+
+    def read(self, idx: int, with_patches: bool = True):
         epoch, position = divmod(int(idx), len(self.dataset))
         if epoch != self._epoch:
             rng = np.random.default_rng([self.config.random_seed, self.shard_id, epoch])
             self._epoch, self._order = epoch, rng.permutation(len(self.dataset))
-        return {"sample": self.dataset.sample(int(self._order[position]))}
+        return self.dataset.sample(int(self._order[position]), with_patches=with_patches)
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,17 @@ class StageData:
         start = step * self.global_batch_size
         return [self.blend[i]["sample"] for i in range(start, start + self.global_batch_size)]
 
-    def rank_batch(self, step: int, dp_rank: int, dp_size: int) -> list:
-        """This data-parallel rank's contiguous share of the global batch of `step`."""
+    def rank_batch(self, step: int, dp_rank: int, dp_size: int, with_patches: bool = True) -> list:
+        """This data-parallel rank's contiguous share of the global batch of `step` (`with_patches`:
+        see `Shard.sample`)."""
         per_rank = self.global_batch_size // dp_size
         start = step * self.global_batch_size + dp_rank * per_rank
-        return [self.blend[i]["sample"] for i in range(start, start + per_rank)]
+        return [self._read(i, with_patches) for i in range(start, start + per_rank)]
+
+    def _read(self, i: int, with_patches: bool):
+        """`self.blend[i]["sample"]`, the image bytes optional (BlendedDataset's own lookup)."""
+        dataset = self.blend.datasets[self.blend.dataset_index[i]]
+        return dataset.read(int(self.blend.dataset_sample_index[i]), with_patches)
 
 
 # megatron-core's IndexedDataset memory-maps each .idx and .bin, and every map holds a file

@@ -24,15 +24,21 @@ class StepPrefetcher:
     a read ahead that has not started and lets the thread end (Python joins an executor's threads
     at exit, so a step that raises would otherwise still wait for the next step's read)."""
 
-    def __init__(self, data: StageData, dp_rank: int, dp_size: int, micro_batch_size: int, pad_id: int):
+    def __init__(self, data: StageData, dp_rank: int, dp_size: int, micro_batch_size: int, pad_id: int,
+                 reads: bool = True, with_patches: bool = True):
+        """`reads=False`: this rank receives its batches from another (`solo.data.batch.broadcast_batch`)
+        and `get` gives one None per micro batch; `with_patches=False`: see `Shard.sample`."""
         self.data, self.dp_rank, self.dp_size = data, dp_rank, dp_size
         self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
+        self.reads, self.with_patches = reads, with_patches
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="solo-prefetch")
         self._next: tuple[int, Future] | None = None
 
-    def _load(self, step: int) -> list[PackedBatch]:
-        samples = self.data.rank_batch(step, self.dp_rank, self.dp_size)
+    def _load(self, step: int) -> list[PackedBatch | None]:
         m = self.micro_batch_size
+        if not self.reads:
+            return [None] * (self.data.global_batch_size // (self.dp_size * m))
+        samples = self.data.rank_batch(step, self.dp_rank, self.dp_size, with_patches=self.with_patches)
         return [collate(samples[i:i + m], self.data.seq_length, self.pad_id, self.data.stop_id)
                 for i in range(0, len(samples), m)]
 

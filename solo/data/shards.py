@@ -292,7 +292,9 @@ class Shard:
     def __len__(self) -> int:
         return len(self._token_docs) - 1
 
-    def sample(self, i: int) -> PackedSample:
+    def sample(self, i: int, with_patches: bool = True) -> PackedSample:
+        """Packed sample i; `with_patches=False` leaves its image bytes unread (`patches` empty): for
+        pipeline stages past the first, which never see them."""
         if not 0 <= i < len(self):
             raise IndexError(f"{self.prefix}: sample {i} out of range (shard has {len(self)})")
         start, end = int(self._token_docs[i]), int(self._token_docs[i + 1])
@@ -303,7 +305,8 @@ class Shard:
         p0, p1 = int(self._pixel_docs[i]), int(self._pixel_docs[i + 1])
         # Copied out: megatron-core closes its memory map when the IndexedDataset is collected, and
         # a view that outlived it would crash the process on access.
-        patches = [np.array(p).reshape(-1, self.patch_dim) for p in self.parts["pixels"][p0:p1]] if p1 > p0 else []
+        patches = ([np.array(p).reshape(-1, self.patch_dim) for p in self.parts["pixels"][p0:p1]]
+                   if p1 > p0 and with_patches else [])
         return PackedSample(tokens=tokens, loss_mask=loss, document_lengths=lengths, patches=patches,
                             origin=f"{self.prefix} sample {i}")
 
