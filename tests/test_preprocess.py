@@ -1,8 +1,10 @@
+
 """solo-preprocess end to end on real files built here: ImageNet folders, webdataset tars, JSONL,
 Parquet, .jsonl.zst and LLaVA JSON, every damaged input it must skip, byte-identical output for
 any --workers, and kill-and-resume in a subprocess."""
 
 import base64
+import dataclasses
 import errno
 import hashlib
 import io
@@ -331,8 +333,15 @@ def test_sft_solo_inst_layout(tok, layout, tmp_path):
     # Text only: <s>[INST] first; the marker elsewhere than the start or end of turn 1 is refused.
     [text] = build("sft", Record("k", conversations=SFT_TURNS[2:]), layout)
     assert text.tokens.tolist()[:2] == [tok.bos_id] + tok.encode("[INST]")[:1]
-    for bad in ([{"from": "human", "value": "What <image> is this?"}, SFT_TURNS[1]],
-                [{"from": "system", "value": "Be brief."}, *SFT_TURNS], [SFT_TURNS[1], SFT_TURNS[0]]):
+    # With --image-position as-is (the marker stays where the data put it) solo-inst refuses a
+    # marker inside the turn; by default it is moved to the front, as LLaVA does.
+    mid_turn = [{"from": "human", "value": "What <image> is this?"}, SFT_TURNS[1]]
+    with pytest.raises(Skip, match="bad_conversation"):
+        as_is = dataclasses.replace(layout, image_first=False)
+        build("sft", Record("k", image=str(path), conversations=mid_turn), as_is)
+    [moved] = build("sft", Record("k", image=str(path), conversations=mid_turn), layout)
+    assert moved.tokens.tolist()[:len(img) - 1] == img[:-1]
+    for bad in ([{"from": "system", "value": "Be brief."}, *SFT_TURNS], [SFT_TURNS[1], SFT_TURNS[0]]):
         with pytest.raises(Skip, match="bad_conversation"):
             build("sft", Record("k", image=str(path), conversations=bad), layout)
 

@@ -116,5 +116,5 @@ def test_stage_config_names_a_known_template():
 
     assert config_from_dict({}).data.template == "plain"
     assert config_from_dict({}, ["data.template=solo-inst"]).data.template == "solo-inst"
-    with pytest.raises(ConfigError, match="data.template must be one of .* got 'llava'"):
+    with pytest.raises(ConfigError, match="data.template='llava' must be one of chatml, plain, solo-inst"):
         config_from_dict({"data": {"template": "llava"}})

@@ -135,8 +135,9 @@ def test_token_id_constants_are_the_tokenizer_ids(tok):
     from solo.tokenizer import TOKEN_IDS
 
     for field in fields(TOKEN_IDS):
-        if field.name != "pad_id":
+        if field.name not in ("pad_id", "first_special_id"):
             assert getattr(TOKEN_IDS, field.name) == getattr(tok, field.name), field.name
+    assert TOKEN_IDS.first_special_id == min(tok.special_tokens.values())
     control = (tok._sp.unk_id(), tok._sp.bos_id(), tok._sp.eos_id())  # from the model file itself
     assert (TOKEN_IDS.unk_id, TOKEN_IDS.bos_id, TOKEN_IDS.eos_id) == control
     assert tok.id_to_piece(TOKEN_IDS.pad_id) == "<unk>" and tok.pad_id == TOKEN_IDS.pad_id
