@@ -206,17 +206,23 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(root, refere
     assert_resumed_exactly(save_dir, reference)
 
 
+def launch_script(cfg: Path, log_suffix: str) -> subprocess.Popen:
+    """scripts/pretrain.sh on 2 gloo ranks, as a scheduler starts it; its output goes to a log file."""
+    log = open(cfg.with_suffix(log_suffix), "w+")
+    proc = subprocess.Popen(["bash", "scripts/pretrain.sh", str(cfg)], cwd=Path(__file__).parent.parent,
+                            env={**ENV, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
+
+
 @pytest.mark.distributed
 def test_sigusr1_to_the_launch_script_saves_and_resumes_exactly(root, reference):
     """The signal a scheduler sends ahead of a time limit (SLURM --signal=B:USR1@600) reaches only
     scripts/pretrain.sh: torchrun must survive it and the ranks must save and stop."""
     save_dir = root / "runs" / "sigusr1"
     cfg = config(root, save_dir, save_interval_steps=100)
-    log = open(cfg.with_suffix(".usr1.log"), "w+")
-    proc = subprocess.Popen(["bash", "scripts/pretrain.sh", str(cfg)], cwd=Path(__file__).parent.parent,
-                            env={**ENV, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log = log
+    proc = launch_script(cfg, ".usr1.log")
     wait_for_steps(proc, save_dir, 2)
     proc.send_signal(signal.SIGUSR1)  # the launch script alone, not its process group
     out = output(proc)
@@ -1153,12 +1159,7 @@ def test_sigterm_to_the_launch_script_saves_and_it_exits_0(root):
     (and kills ranks still saving 30 s after it). scripts/pretrain.sh hands a SIGTERM to the ranks
     instead, so the clean stop is exit 0 and the save has all the time it needs."""
     save_dir = root / "runs" / "sigterm-script"
-    cfg = config(root, save_dir, save_interval_steps=100)
-    log = open(cfg.with_suffix(".term.log"), "w+")
-    proc = subprocess.Popen(["bash", "scripts/pretrain.sh", str(cfg)], cwd=Path(__file__).parent.parent,
-                            env={**ENV, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log = log
+    proc = launch_script(config(root, save_dir, save_interval_steps=100), ".term.log")
     wait_for_steps(proc, save_dir, 2)
     proc.send_signal(signal.SIGTERM)  # the launch script alone, as `scancel --signal=TERM --batch` does
     out = output(proc)

@@ -32,16 +32,10 @@ from pathlib import Path
 import torch
 
 from solo.config import MODEL_PRESETS, ModelConfig
-from solo.convert.common import (
-    SOLO_VOCAB,
-    ConversionError,
-    check_output,
-    empty_model,
-    single_process_world,
-    staged_output,
-)
+from solo.convert.common import ConversionError, check_output, empty_model, single_process_world, staged_output
 from solo.convert.layouts import AUTHORS_PATCH_NAME, IGNORED_SUFFIXES, hf_shape, mistral_entries, write_hf
 from solo.tokenizer import SP_VOCAB_SIZE
+from solo.tokenizer import VOCAB_SIZE as SOLO_VOCAB
 
 log = logging.getLogger("solo.convert")
 
