@@ -7,7 +7,9 @@ checkpoint loads at TP=1). This module adds what a month-long run needs around i
   every rank has finished, and only then does the `latest` pointer (itself replaced atomically)
   name it: a crash mid-write leaves the previous checkpoint as the one resumed;
 * `solo_meta.json` beside the tensors records the step, the model shape and the parallel layout,
-  so a checkpoint of another shape is refused with a clear message before any compute;
+  so a checkpoint of another shape is refused with a clear message before any compute; the
+  attention window, which changes what the weights mean without changing a shape, may not change
+  when a run resumes and is warned about when a stage starts from other weights;
 * the newest `keep` checkpoints are kept, older ones removed;
 * a save that fails (disk full, ...) removes its partial folder and raises a CheckpointError that
   says so; the previous checkpoint stays `latest`. `.tmp-iter_*` folders left by a crash are
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -38,6 +41,8 @@ from solo.fileio import atomic_write_text, replace_durably
 # read in solo-megatron goes through this module or follows its import, process groups or not:
 # from here on torch DCP unpickles nothing but its own metadata and weights-only objects.
 safe_load.apply()
+
+log = logging.getLogger("solo.checkpoint")
 
 META_FILE = "solo_meta.json"
 LATEST_FILE = "latest"
@@ -85,6 +90,25 @@ def check_model_shape(checkpoint: Path, model: ModelConfig) -> None:
              for k in SHAPE_FIELDS if saved.get(k) != getattr(model, k)]
     if wrong:
         raise CheckpointError(f"{checkpoint}: model shape does not match the config: " + "; ".join(wrong))
+
+
+def check_attention_window(checkpoint: Path, model: ModelConfig, resuming: bool) -> None:
+    """A run resumes with the attention it started with (refused otherwise). A new stage may start
+    from weights trained with another window, e.g. a full-attention model given Mistral's window:
+    said on rank 0, since the weights then compute something else than they were trained for.
+    Checkpoints from before the option have no field: they were trained with full attention."""
+    saved = read_meta(checkpoint).get("model", {}).get("attention_window_tokens")
+    wanted = model.attention_window_tokens
+    if saved == wanted:
+        return
+    change = f"attention_window_tokens: checkpoint {saved} vs config {wanted} (null: full causal attention)"
+    if resuming:
+        raise CheckpointError(
+            f"{checkpoint}: {change}. A run resumes with the attention window it started with; to change it, "
+            f"start a new save_dir with init_from={checkpoint}"
+        )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning("%s: %s; this stage trains these weights with the config's window", checkpoint, change)
 
 
 def check_stage_finished(init_from: str | Path, checkpoint: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,10 @@ class ModelConfig:
     max_image_side: int = 1024
     max_position_embeddings: int = 32768
     init_method_std: float = 0.02
+    # Sliding-window attention: a token attends to the last `attention_window_tokens` tokens of its
+    # own document, itself included (HF Mistral's `sliding_window`; docs/design.md "Attention").
+    # None: full causal attention inside each document.
+    attention_window_tokens: int | None = None
 
     @property
     def patch_dim(self) -> int:
@@ -57,7 +62,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # Mistral-7B-v0.1 (the paper's backbone).
     "mistral-7b": ModelConfig(
         preset="mistral-7b", num_layers=32, hidden_size=4096, num_attention_heads=32,
-        num_query_groups=8, ffn_hidden_size=14336,
+        num_query_groups=8, ffn_hidden_size=14336, attention_window_tokens=4096,
     ),
     # CPU tests and the demo: same structure (GQA, SwiGLU, RMSNorm, RoPE), tiny sizes.
     "tiny": ModelConfig(),
@@ -147,6 +152,8 @@ class TrainConfig:
             (m.padded_vocab_size % p.tensor_parallel == 0, f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"),
             (m.max_image_side % m.patch_size == 0, "model.max_image_side must be a multiple of model.patch_size"),
             (self.data.seq_length_tokens > 0, "data.seq_length_tokens must be positive"),
+            (m.attention_window_tokens is None or m.attention_window_tokens >= 1,
+             f"model.attention_window_tokens must be null (full causal) or >= 1, got {m.attention_window_tokens}"),
             (not p.sequence_parallel or p.tensor_parallel > 1, "parallel.sequence_parallel needs tensor_parallel > 1"),
         ]
         for ok, message in checks:
@@ -174,6 +181,10 @@ def _build(cls, values: dict, where: str):
 
 
 def _coerce(hint, value, where: str):
+    if typing.get_origin(hint) is types.UnionType:  # `int | None`: null, or a value of the type
+        if value is None:
+            return None
+        [hint] = [h for h in typing.get_args(hint) if h is not type(None)]
     if dataclasses.is_dataclass(hint):
         if hint is ModelConfig:
             return _model_config(value, where)

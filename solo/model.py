@@ -6,7 +6,11 @@ cross entropy), tensor/sequence parallelism and the layer implementations, chose
 * ``"te"``: TransformerEngine layers, packed documents through TE's THD attention (GPU);
 * ``"flex"``: local layers, packed documents through FlexAttention (GPU without TE,
   `solo.layers.FlexDocumentAttention`);
-* ``"local"``: local layers, packed documents through a block-diagonal causal mask (CPU).
+* ``"local"``: local layers, packed documents through a block-diagonal causal mask (CPU,
+  `solo.layers.LocalDocumentAttention`).
+
+A sliding attention window (`ModelConfig.attention_window_tokens`) becomes megatron-core's
+`TransformerConfig.window_size`, which all three backends honour inside each document.
 
 Both local variants take their norms from `solo.layers.SequenceParallelTorchNorm`.
 
@@ -27,7 +31,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 
 from solo.config import ModelConfig, ParallelConfig
-from solo.layers import FlexDocumentAttention, SequenceParallelTorchNorm
+from solo.layers import FlexDocumentAttention, LocalDocumentAttention, SequenceParallelTorchNorm
 from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
 from solo.vision import IMAGENET_MEAN, IMAGENET_STD
 
@@ -70,11 +74,19 @@ def layer_spec(backend: str, config: TransformerConfig):
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = SequenceParallelTorchNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
-    if backend == "flex":
-        layer.submodules.self_attention.submodules.core_attention = FlexDocumentAttention
+    attention = FlexDocumentAttention if backend == "flex" else LocalDocumentAttention
+    layer.submodules.self_attention.submodules.core_attention = attention
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelTorchNorm
     )
+
+
+def window_size(model: ModelConfig) -> tuple[int, int] | None:
+    """megatron-core's (left, right) window from `attention_window_tokens` w: a query sees the w-1
+    tokens before it and itself, as HF Mistral's `sliding_window=w` (`kv > q - w`). TE's attention
+    takes the tuple as it is (flash-attn's convention); the local layers read it in `solo.layers`."""
+    w = model.attention_window_tokens
+    return None if w is None else (w - 1, 0)
 
 
 def transformer_config(
@@ -120,6 +132,7 @@ def transformer_config(
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
+        window_size=window_size(model),
         **recompute,
     )
 
