@@ -101,7 +101,8 @@ def check_attention_window(checkpoint: Path, model: ModelConfig, resuming: bool)
     wanted = model.attention_window_tokens
     if saved == wanted:
         return
-    change = f"attention_window_tokens: checkpoint {saved} vs config {wanted} (null: full causal attention)"
+    shown = ["null" if w is None else w for w in (saved, wanted)]  # as the YAML says it
+    change = f"attention_window_tokens: checkpoint {shown[0]} vs config {shown[1]} (null: full causal attention)"
     if resuming:
         raise CheckpointError(
             f"{checkpoint}: {change}. A run resumes with the attention window it started with; to change it, "

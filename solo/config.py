@@ -44,7 +44,7 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     init_method_std: float = 0.02
     # Sliding-window attention: a token attends to the last `attention_window_tokens` tokens of its
-    # own document, itself included (HF Mistral's `sliding_window`; docs/design.md "Attention").
+    # own document, itself included (HF Mistral's `sliding_window`; docs/design.md "Attention window").
     # None: full causal attention inside each document.
     attention_window_tokens: int | None = None
 

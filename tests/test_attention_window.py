@@ -84,11 +84,11 @@ def test_a_resume_with_another_window_is_refused_a_new_stage_is_warned(tmp_path,
     windowed = ModelConfig(attention_window_tokens=4096)
     saved = checkpoint_with_window(tmp_path / "full", None)
     check_attention_window(saved, ModelConfig(), resuming=True)  # same window: nothing to say
-    with pytest.raises(CheckpointError, match="attention_window_tokens: checkpoint None vs config 4096.*init_from="):
+    with pytest.raises(CheckpointError, match="attention_window_tokens: checkpoint null vs config 4096.*init_from="):
         check_attention_window(saved, windowed, resuming=True)
     with caplog.at_level("WARNING", logger="solo.checkpoint"):
         check_attention_window(saved, windowed, resuming=False)
-    assert "attention_window_tokens: checkpoint None vs config 4096" in caplog.text
+    assert "attention_window_tokens: checkpoint null vs config 4096" in caplog.text
     # Checkpoints written before the option were trained with full attention.
     old = checkpoint_with_window(tmp_path / "old", None, field=False)
     check_attention_window(old, ModelConfig(), resuming=True)

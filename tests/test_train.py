@@ -182,7 +182,7 @@ def test_resuming_with_another_attention_window_is_refused(curriculum, tmp_path)
     config = stage_config(curriculum, "stage1", save_dir=save_dir)
     proc = run_train_single_process(config, "parallel.tensor_parallel=1", "model.attention_window_tokens=64")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "attention_window_tokens: checkpoint None vs config 64" in proc.stderr and "init_from=" in proc.stderr
+    assert "attention_window_tokens: checkpoint null vs config 64" in proc.stderr and "init_from=" in proc.stderr
 
 
 # solo.train.train in one process (a world of one) with train_step failing at the second step and
