@@ -7,7 +7,8 @@ patch exists:
   ``synchronize``) redirected to the CPU, so its real TP/DP/distributed-optimizer code runs on gloo;
 * `optimizer_state`: `DistributedOptimizer`'s checkpoint load path made to work with torch's Adam
   (megatron-core's fallback without Apex or TransformerEngine) and its per-parameter ``step``;
-* `safe_load`: torch DCP's two unrestricted unpicklings (``.metadata``, stored objects) made safe.
+* `safe_load`: torch DCP's two unrestricted unpicklings (``.metadata``, stored objects) made safe;
+* `local_files`: megatron-core's multi-storage-client I/O layer switched off (local POSIX files only).
 
 Nothing is applied on import. `apply(cpu=...)` applies them all, once per process;
 `solo.distributed.init_distributed` calls it, so every training, conversion and test process that
@@ -17,7 +18,7 @@ builds megatron-core's groups runs with the same patches.
 from __future__ import annotations
 
 from megatron_patches import cpu as cpu_backend
-from megatron_patches import optimizer_state, safe_load
+from megatron_patches import local_files, optimizer_state, safe_load
 
 
 def apply(cpu: bool) -> None:
@@ -27,5 +28,6 @@ def apply(cpu: bool) -> None:
     """
     if cpu:
         cpu_backend.apply()
+    local_files.apply()
     optimizer_state.apply()
     safe_load.apply()

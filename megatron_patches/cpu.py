@@ -103,6 +103,3 @@ def apply() -> None:
     _CudaToCpu().__enter__()
     _applied = True
 
-
-def is_applied() -> bool:
-    return _applied

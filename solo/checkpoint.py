@@ -10,7 +10,16 @@ checkpoint loads at TP=1). This module adds what a month-long run needs around i
   so a checkpoint of another shape is refused with a clear message before any compute; the
   attention window, which changes what the weights mean without changing a shape, may not change
   when a run resumes and is warned about when a stage starts from other weights;
-* the newest `keep` checkpoints are kept, older ones removed;
+* `checksums.json` records the size and xxh3-128 of every file, written before the rename that
+  commits the folder; a checkpoint is verified against it when loaded (the ranks share the
+  hashing), so a flipped byte or a cut file is a CheckpointError naming the file, never silently
+  loaded weights. A folder without the record (solo-convert's output, or saved before records
+  existed) loads with a warning and is never called a good checkpoint;
+* pruning keeps the `keep` newest checkpoints *up to the step just written*: it never removes what
+  `latest` names nor the new folder (after a rollback of `latest`, folders of later steps, an
+  abandoned future, are left alone until the run overwrites them);
+* a save dir with `iter_*` folders but no `latest` resumes from the newest one that verifies, and
+  says so; a save dir whose checkpoints all fail is a clear error, never a restart from scratch;
 * a save that fails (disk full, ...) removes its partial folder and raises a CheckpointError that
   says so; the previous checkpoint stays `latest`. `.tmp-iter_*` folders left by a crash are
   removed by the next save.
@@ -30,12 +39,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from megatron_patches import optimizer_state, safe_load
 from solo.config import ModelConfig
 from solo.faults import crash_if_injected
-from solo.fileio import atomic_write_text, replace_durably
+from solo.fileio import CHECKSUM, atomic_write_text, checksum_file, replace_durably
 
 # megatron_patches.apply (init_distributed) applies this too; here as well because every checkpoint
 # read in solo-megatron goes through this module or follows its import, process groups or not:
@@ -46,6 +56,7 @@ log = logging.getLogger("solo.checkpoint")
 
 META_FILE = "solo_meta.json"
 LATEST_FILE = "latest"
+CHECKSUMS_FILE = "checksums.json"
 # The fields of ModelConfig that decide tensor shapes or what the weights mean (RoPE base, norm
 # epsilon: a model trained with one and run with another loads fine and is silently wrong); the
 # rest (e.g. max_image_side) may change between stages.
@@ -80,8 +91,120 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     return resolve_checkpoint(save_dir)
 
 
+def _step_folders(save_dir: Path) -> list[Path]:
+    """Committed checkpoints (renamed into place only once complete), oldest step first."""
+    found = [p for p in save_dir.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def resume_checkpoint(save_dir: str | Path) -> Path | None:
+    """Collective: the checkpoint a run in `save_dir` resumes from (None: a new run).
+
+    `latest` names it. Without `latest` (deleted by hand, or lost with a disk) but with `iter_*`
+    folders, the newest one that verifies is taken and the log says so: never random weights."""
+    save_dir = Path(save_dir)
+    if (save_dir / LATEST_FILE).is_file() or not save_dir.is_dir():
+        return latest_checkpoint(save_dir)
+    candidates = [p for p in reversed(_step_folders(save_dir)) if (p / META_FILE).is_file()]
+    rejected = []
+    for checkpoint in candidates:
+        try:
+            verified = verify_checkpoint(checkpoint)
+        except CheckpointError as e:
+            rejected.append(str(e))
+            continue
+        skipped = f" ({'; '.join(rejected)})" if rejected else ""
+        _say(f"{save_dir}: no `latest` pointer; resuming from the newest verified checkpoint {checkpoint.name}"
+             f"{'' if verified else ' (unverified: no ' + CHECKSUMS_FILE + ')'}{skipped}")
+        return checkpoint
+    if candidates:
+        raise CheckpointError(f"{save_dir}: no `latest` pointer, and no checkpoint there verifies: "
+                              + "; ".join(rejected))
+    return None
+
+
 def read_meta(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / META_FILE).read_text())
+    return _read_json(Path(checkpoint) / META_FILE)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from e
+    except ValueError as e:  # a cut file: JSONDecodeError, or bytes that are not UTF-8
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is damaged or truncated") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _say(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[solo] {message}", flush=True)
+
+
+# -- integrity: the size and checksum of every file ------------------------------------------------
+
+def _my_share(files: list[Path]) -> list[Path]:
+    """Round-robin over the ranks, so a 7B checkpoint is hashed by all of them at once."""
+    if not dist.is_initialized():
+        return files
+    return files[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather(items: list) -> list:
+    """Every rank's `items`, concatenated, on every rank."""
+    if not dist.is_initialized():
+        return items
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def record_checksums(folder: Path) -> None:
+    """Collective: hash the folder's files (each rank its share), rank 0 writes the record."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS_FILE)
+    entries = _gather([(p.name, p.stat().st_size, checksum_file(p)) for p in _my_share(files)])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        record = {"files": {name: {"bytes": size, CHECKSUM: digest} for name, size, digest in sorted(entries)}}
+        atomic_write_text(folder / CHECKSUMS_FILE, json.dumps(record, indent=1))
+
+
+def verify_checkpoint(checkpoint: Path) -> bool:
+    """Collective: True if every recorded file is there with its size and checksum; False for a
+    checkpoint without a record; a CheckpointError naming the damaged file(s) otherwise."""
+    if not (checkpoint / CHECKSUMS_FILE).is_file():
+        return False
+    files = _read_json(checkpoint / CHECKSUMS_FILE).get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{checkpoint / CHECKSUMS_FILE}: no 'files' table; the file is damaged")
+    problems = _gather([_file_problem(checkpoint, name, files[name]) for name in _my_share(sorted(files))])
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(f"{checkpoint} is damaged: " + "; ".join(problems))
+    return True
+
+
+def _file_problem(checkpoint: Path, name: str, expected: dict) -> str | None:
+    path = checkpoint / name
+    if not path.is_file():
+        return f"{name} is missing"
+    if path.stat().st_size != expected.get("bytes"):
+        return f"{name} has {path.stat().st_size} bytes, {expected.get('bytes')} were written (truncated?)"
+    if checksum_file(path) != expected.get(CHECKSUM):
+        return f"{name} does not match its checksum ({CHECKSUM}, corrupted)"
+    return None
+
+
+def good_checkpoint_label(checkpoint: Path | None) -> str:
+    """How the run names the checkpoint to go back to. Each one this process holds was either
+    verified at load or hashed as it was written: that is what a record here means."""
+    if checkpoint is not None and (Path(checkpoint) / CHECKSUMS_FILE).is_file():
+        return f"The last good checkpoint is {checkpoint}"
+    if checkpoint is not None:
+        return f"No verified checkpoint to go back to ({checkpoint} has no {CHECKSUMS_FILE})"
+    return "No checkpoint was saved"
 
 
 def check_model_shape(checkpoint: Path, model: ModelConfig) -> None:
@@ -188,29 +311,50 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
     crash_if_injected("crash_in_save", step)
     if dist.get_rank() == 0:
         atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step}, indent=2))
+    _barrier()
+    record_checksums(tmp)  # before the rename: a committed folder always has its record
+    if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         replace_durably(tmp, final)  # the folder's files are synced by megatron-core's writer
         atomic_write_text(save_dir / LATEST_FILE, final.name + "\n")
-        _prune(save_dir, keep)
+        _prune(save_dir, final, keep)
     _barrier()
     return final
 
 
-def _prune(save_dir: Path, keep: int) -> None:
-    done = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
+def _prune(save_dir: Path, written: Path, keep: int) -> None:
+    """Keep the `keep` newest checkpoints up to the one just written (which `latest` names).
+
+    By step, not by folder name alone, and never beyond `written`: after `latest` was rolled back,
+    later folders belong to an abandoned future, and counting them would delete the new save."""
+    if keep <= 0:
+        return
+    step = int(written.name[5:])
+    older = [p for p in _step_folders(save_dir) if int(p.name[5:]) < step]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, load_rng: bool = True) -> dict:
-    """Load into `model` (and optimizer/scheduler/RNG when given). Returns the checkpoint's meta."""
+    """Collective. Verify `checkpoint` (sizes and checksums), then load it into `model` (and
+    optimizer/scheduler/RNG when given). Returns the checkpoint's meta."""
     meta = read_meta(checkpoint)
     check_model_shape(checkpoint, model.model_config)
+    if not verify_checkpoint(checkpoint):
+        _say(f"warning: {checkpoint} has no {CHECKSUMS_FILE}: loaded unverified (converted by solo-convert, or "
+             "saved before checkpoints recorded checksums)")
     if optimizer is not None:  # its load-path patches are applied by init_distributed (megatron_patches.apply)
         optimizer_state.init_empty_adam_state(optimizer)
-    state = dist_checkpointing.load(
-        _sharded_state(model, optimizer, scheduler, with_rng=load_rng, loading=True), str(checkpoint)
-    )
+    try:
+        # Read on its own first: a .metadata DCP cannot read (a refused pickle) would otherwise be
+        # logged with a traceback by DCP's fallback to per-rank metadata before it fails.
+        FileSystemReader(str(checkpoint)).read_metadata()
+        state = dist_checkpointing.load(
+            _sharded_state(model, optimizer, scheduler, with_rng=load_rng, loading=True), str(checkpoint)
+        )
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's own types; CheckpointException is no Exception
+        raise CheckpointError(f"{checkpoint}: cannot read the checkpoint's tensors ({_cause(e)}); is the folder "
+                              "complete and written by solo-train or solo-convert?") from e
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -229,6 +373,15 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, loa
             torch.cuda.set_rng_state(rng["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     return meta
+
+
+def _cause(e: BaseException) -> str:
+    """The line that says what went wrong: DCP wraps each rank's exception in a CheckpointException
+    whose message is a traceback dump."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]  # (exception, stack summary) per failed rank
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return f"{type(e).__name__}: {lines[-1][:300]}"
 
 
 def model_meta(model_config: ModelConfig, parallel: dict, **extra) -> dict:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,9 @@ class DataConfig:
     seq_length_tokens: int = 32768
     seed: int = 1234
     verify_checksums: bool = False
+    # A shard folder whose manifest.json says `complete: false` (solo-preprocess stopped before its
+    # last shard) is refused unless this is true; then its complete shards are used.
+    allow_incomplete: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,13 @@ class TrainConfig:
     global_batch_size: int = 128
     micro_batch_size: int = 1
     precision: str = "bf16"  # bf16 on GPU; CPU runs always use fp32
-    recompute_num_layers: int = 0  # full activation recompute of this many layers (0: off)
+    # Activation recomputation, megatron-core's TransformerConfig names. full: every recomputed layer
+    # keeps only its input; uniform: chunks of recompute_num_layers layers, each chunk's input kept,
+    # all layers recomputed; block: the first recompute_num_layers layers of each pipeline stage.
+    # selective: only core attention is recomputed (recompute_num_layers stays 0).
+    recompute_granularity: str = "none"  # none | full | selective
+    recompute_method: str = "uniform"  # uniform | block (full only)
+    recompute_num_layers: int = 0
     init_from: str = ""  # previous stage's checkpoint dir, or a SOLO checkpoint from solo-convert
     save_dir: str = "runs/stage1"
     save_interval_steps: int = 50
@@ -137,32 +148,150 @@ class TrainConfig:
     seed: int = 1234
 
     def validate(self) -> TrainConfig:
-        p, m = self.parallel, self.model
+        """Every field against its rule in FIELD_RULES, then the rules that join fields; the first
+        problem is a ConfigError naming the key. Called by load_config, before any compute."""
+        for key, value in _leaves(self):
+            rule = FREE if isinstance(value, bool) else FIELD_RULES[re.sub(r"\[\d+\]", "[]", key)]
+            if not rule.holds(value):
+                raise ConfigError(f"{key}={value!r} {rule.says}")
+        p, m, o, tp = self.parallel, self.model, self.optimizer, self.parallel.tensor_parallel
+        names = [s.name for s in self.data.sources]
+
+        def divisible(a: str, b: str) -> tuple[bool, str]:
+            x, y = _get(self, a), _get(self, b)
+            return x % y == 0, f"{a}={x} is not divisible by {b}={y}"
+
         checks = [
-            (self.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {self.precision!r}"),
-            (self.nonfinite_loss in ("stop", "skip"), f"nonfinite_loss must be stop or skip, got {self.nonfinite_loss!r}"),
-            (self.wandb_mode in ("offline", "online", "disabled"), f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}"),
-            (self.global_batch_size > 0 and self.micro_batch_size > 0, "batch sizes must be positive"),
-            (self.train_steps >= 0, f"train_steps must be >= 0, got {self.train_steps}"),
-            (self.save_interval_steps > 0, f"save_interval_steps must be > 0, got {self.save_interval_steps}"),
-            (self.optimizer.lr > 0 and 0 <= self.optimizer.min_lr <= self.optimizer.lr, "need 0 <= optimizer.min_lr <= optimizer.lr and lr > 0"),
-            (min(p.tensor_parallel, p.pipeline_parallel, p.context_parallel) >= 1, "parallel sizes must be >= 1"),
-            (m.num_attention_heads % p.tensor_parallel == 0, f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"),
-            (m.num_query_groups % p.tensor_parallel == 0, f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"),
-            (m.padded_vocab_size % p.tensor_parallel == 0, f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"),
+            (o.min_lr <= o.lr, f"need optimizer.min_lr <= optimizer.lr, got min_lr={o.min_lr} and lr={o.lr}"),
+            divisible("model.hidden_size", "model.num_attention_heads"),
+            divisible("model.num_attention_heads", "model.num_query_groups"),
+            (self.recompute_num_layers <= m.num_layers,
+             f"recompute_num_layers={self.recompute_num_layers} is more than model.num_layers={m.num_layers}"),
+            divisible("model.num_attention_heads", "parallel.tensor_parallel"),
+            divisible("model.num_query_groups", "parallel.tensor_parallel"),
+            (m.padded_vocab_size % p.tensor_parallel == 0,
+             f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor_parallel={tp}"),
             (m.max_image_side % m.patch_size == 0, "model.max_image_side must be a multiple of model.patch_size"),
-            (self.data.seq_length_tokens > 0, "data.seq_length_tokens must be positive"),
-            (m.attention_window_tokens is None or m.attention_window_tokens >= 1,
-             f"model.attention_window_tokens must be null (full causal) or >= 1, got {m.attention_window_tokens}"),
             (not p.sequence_parallel or p.tensor_parallel > 1, "parallel.sequence_parallel needs tensor_parallel > 1"),
         ]
+        # Packed rows are not split across context-parallel ranks (no THD partitioning, no CP-aware
+        # patch indexing), so CP > 1 is refused up front instead of failing at build or in RoPE.
+        checks.append((p.context_parallel == 1, f"parallel.context_parallel={p.context_parallel} is not supported "
+                       "(packed documents are not split across context-parallel ranks); set it to 1"))
+        checks += self._recompute_checks()
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for i, name in enumerate(names):
+            if name in names[:i]:  # overrides reach a source by name (data.sources.<name>.fraction)
+                raise ConfigError(f"data.sources[{i}].name {name!r} is used twice")
         fractions = [s.fraction for s in self.data.sources]
-        if fractions and (min(fractions) <= 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)):
+        if fractions and not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
             raise ConfigError(f"data.sources fractions must be positive and sum to 1, got {fractions}")
         return self
+
+    def _recompute_checks(self) -> list[tuple[bool, str]]:
+        granularity, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        per_stage = self.model.num_layers // max(self.parallel.pipeline_parallel, 1)
+        full = granularity == "full"
+        return [
+            (granularity in ("none", "full", "selective"),
+             f"recompute_granularity must be none, full or selective, got {granularity!r}"),
+            (method in ("uniform", "block"), f"recompute_method must be uniform or block, got {method!r}"),
+            (not full or 1 <= n <= per_stage, f"recompute_granularity full needs 1 <= recompute_num_layers <= "
+             f"{per_stage} (layers per pipeline stage), got {n}"),
+            (full or n == 0, f"recompute_num_layers={n} needs recompute_granularity: full "
+             f"(it is {granularity!r})"),
+            # megatron-core's uniform loop would index past the last layer of the stage.
+            (not (full and method == "uniform") or per_stage % max(n, 1) == 0,
+             f"recompute_method uniform needs the {per_stage} layers per pipeline stage to be a multiple of "
+             f"recompute_num_layers={n}"),
+        ]
+
+
+@dataclass(frozen=True)
+class Rule:
+    holds: Callable[[object], bool]
+    says: str
+
+
+def _finite(v) -> bool:
+    return math.isfinite(v)  # yaml reads .nan and .inf as floats
+
+
+POSITIVE = Rule(lambda v: _finite(v) and v > 0, "must be > 0")
+NON_NEGATIVE = Rule(lambda v: _finite(v) and v >= 0, "must be >= 0")
+BELOW_ONE = Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+NON_EMPTY = Rule(lambda v: v.strip() != "", "must not be empty")
+FREE = Rule(lambda v: True, "")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, f"must be one of {', '.join(choices)}")
+
+
+# The rule of every non-boolean field (tests/test_config.py fails for a field missing here). Keys are
+# dotted paths; `[]` stands for any entry of a list.
+FIELD_RULES: dict[str, Rule] = {
+    "stage": NON_EMPTY,
+    "model.preset": FREE,  # checked against MODEL_PRESETS while loading
+    **{f"model.{k}": POSITIVE for k in (
+        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "norm_epsilon",
+        "rope_theta", "vocab_size", "make_vocab_size_divisible_by", "patch_size", "max_image_side",
+        "max_position_embeddings", "init_method_std")},
+    "model.attention_window_tokens": Rule(lambda v: v is None or v >= 1, "must be null (full causal) or >= 1"),
+    **{f"parallel.{k}": POSITIVE for k in ("tensor_parallel", "pipeline_parallel", "context_parallel")},
+    "optimizer.lr": POSITIVE,
+    "optimizer.min_lr": NON_NEGATIVE,
+    "optimizer.lr_warmup_steps": NON_NEGATIVE,
+    # megatron-core 0.16 OptimizerParamScheduler's styles; its "WSD" needs wsd_* settings this config lacks.
+    "optimizer.lr_decay_style": one_of("cosine", "linear", "constant", "inverse-square-root"),
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.adam_beta1": BELOW_ONE,
+    "optimizer.adam_beta2": BELOW_ONE,
+    "optimizer.adam_eps": POSITIVE,
+    "optimizer.clip_grad": NON_NEGATIVE,  # 0: no clipping
+    "data.sources[].name": NON_EMPTY,
+    "data.sources[].path": NON_EMPTY,
+    "data.sources[].fraction": POSITIVE,
+    "data.seq_length_tokens": POSITIVE,
+    "data.seed": NON_NEGATIVE,  # numpy's seeded generators refuse negative seeds
+    "train_steps": NON_NEGATIVE,  # 0: one epoch
+    "global_batch_size": POSITIVE,
+    "micro_batch_size": POSITIVE,
+    "precision": one_of("bf16", "fp32"),
+    "recompute_num_layers": NON_NEGATIVE,
+    "recompute_granularity": one_of("none", "full", "selective"),
+    "recompute_method": one_of("uniform", "block"),
+    "init_from": FREE,  # resolved (and refused if it is no checkpoint) before compute
+    "save_dir": NON_EMPTY,  # empty would write checkpoints into the current folder
+    "save_interval_steps": POSITIVE,
+    "keep_checkpoints": NON_NEGATIVE,  # 0: keep all
+    "log_interval_steps": POSITIVE,
+    "nonfinite_loss": one_of("stop", "skip"),
+    "wandb_mode": one_of("offline", "online", "disabled"),
+    "wandb_project": NON_EMPTY,
+    "seed": NON_NEGATIVE,
+}
+
+
+def _get(node, dotted: str):
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every field that is not itself a dataclass, list entries as `key[i]`."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{key}.")
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                yield from _leaves(item, f"{key}[{i}].")
+        else:
+            yield key, value
 
 
 def _build(cls, values: dict, where: str):
@@ -282,6 +411,3 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
 
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -161,9 +161,9 @@ def summarize(out: Path, phases: Phases, stage1_rows: list[dict], final_rows: li
         print(f"{name:<10} {s['shards']:>6} {s['samples']:>9} {s['text_tokens']:>12,} {s['vision_tokens']:>14,}")
     print(f"\n{'stage':<8} {'steps':>5} {'first loss':>10} {'final loss':>10} {'vl loss':>8} {'text loss':>9}")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for stage, l in losses.items():
-        print(f"{stage:<8} {l['steps']:>5} {l['first']:>10.3f} {l['final']:>10.3f} {fmt(l['final_vl']):>8} "
-              f"{fmt(l['final_text']):>9}")
+    for stage, loss in losses.items():
+        print(f"{stage:<8} {loss['steps']:>5} {loss['first']:>10.3f} {loss['final']:>10.3f} "
+              f"{fmt(loss['final_vl']):>8} {fmt(loss['final_text']):>9}")
     print("\nphase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.seconds.items())
           + f" (total {sum(phases.seconds.values()):.0f} s)")
     print(f"\nstage-1 model names the training photographs: {accuracy:.0%} correct")

@@ -100,7 +100,7 @@ def write_caption_tar(path: Path, photos: dict = PHOTOS, max_side: int = 256) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
-        for k, (file, (label, caption)) in enumerate(photos.items()):
+        for k, (file, (_label, caption)) in enumerate(photos.items()):
             key = f"{k:09d}"
             members = {
                 f"{key}.jpg": _jpeg(skimage_photo(file), max_side),

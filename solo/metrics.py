@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def training_flops(model: ModelConfig, tokens: float, attention_pairs: float) ->
 class MetricsLogger:
     def __init__(self, cfg: TrainConfig, start_step: int, total_steps: int, sources):
         self.cfg = cfg
-        self.total_steps = total_steps
+        self.start_step, self.total_steps = start_step, total_steps
         self.is_writer = dist.get_rank() == 0
         self.world = dist.get_world_size()
         self.peak = peak_flops_per_device()
@@ -85,9 +86,29 @@ class MetricsLogger:
         """A resumed run rewrites the steps after its checkpoint: keep the file one line per step."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for _, line, row in self._rows() if row["step"] <= step]
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def _rows(self):
+        """(line number, line, row) of metrics.jsonl. A kill while a row was being appended leaves
+        a cut last line: dropped, and said. A bad line elsewhere is an error naming it."""
+        text = self.metrics_path.read_text()
+        lines = text.splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step = row["step"] if isinstance(row, dict) else None
+            except (ValueError, KeyError):
+                step = None
+            if isinstance(step, int):
+                yield n, line, row
+            elif n == len(lines) and not text.endswith("\n"):
+                self.info(f"{self.metrics_path}: dropped a partial last line (line {n}, cut while being written)")
+            else:
+                raise ValueError(f"{self.metrics_path}: line {n} is not a metrics row (JSON with a step): "
+                                 f"{line[:80]!r}")
 
     def info(self, message: str) -> None:
         if self.is_writer:
@@ -122,8 +143,26 @@ class MetricsLogger:
             )
 
     def close(self, result: dict) -> None:
+        _copy_result(result)
         if not self.is_writer:
+            return
+        if self.start_step >= self.total_steps and (self.dir / "result.json").exists():
+            # A rerun of a finished stage ran no step: its result is the one of the run that did.
+            self.info(f"stage already finished at step {self.start_step} of {self.total_steps}; "
+                      f"{self.dir / 'result.json'} kept as it was")
             return
         atomic_write_json(self.dir / "result.json", result, indent=2)
         if self.wandb is not None:
             self.wandb.finish()
+
+
+RESULT_COPY_ENV = "SOLO_RESULT_FILE"
+
+
+def _copy_result(result: dict) -> None:
+    """scripts/pretrain.sh reads the result of this node's ranks from $SOLO_RESULT_FILE: torchrun
+    exits 1 after any signal, even when every rank saved and exited 0, and the script must tell a
+    clean preemption from a failure. Every node's local rank 0 writes it (ranks agree on the stop)."""
+    path = os.environ.get(RESULT_COPY_ENV)
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
+        atomic_write_json(path, result, indent=2)

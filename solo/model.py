@@ -94,14 +94,12 @@ def transformer_config(
     parallel: ParallelConfig,
     bf16: bool = False,
     recompute_num_layers: int = 0,
+    recompute_granularity: str = "full",
+    recompute_method: str = "block",
     use_cpu_initialization: bool = True,
 ) -> TransformerConfig:
-    """Mistral-style decoder (SwiGLU, RMSNorm, GQA, no biases, no dropout) as megatron-core sees it."""
-    recompute = (
-        dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=recompute_num_layers)
-        if recompute_num_layers
-        else {}
-    )
+    """Mistral-style decoder (SwiGLU, RMSNorm, GQA, no biases, no dropout) as megatron-core sees it.
+    Recompute (TrainConfig's recompute_*): `full` with recompute_num_layers 0 is off."""
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -133,8 +131,17 @@ def transformer_config(
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         window_size=window_size(model),
-        **recompute,
+        **recompute_settings(recompute_granularity, recompute_method, recompute_num_layers),
     )
+
+
+def recompute_settings(granularity: str, method: str, num_layers: int) -> dict:
+    """TrainConfig's recompute_* as TransformerConfig fields; megatron-core does the recomputing."""
+    if granularity == "selective":  # megatron-core's default recompute_modules: core attention
+        return dict(recompute_granularity="selective")
+    if granularity == "full" and num_layers:
+        return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num_layers)
+    return {}
 
 
 class SOLOModel(GPTModel):
@@ -223,11 +230,14 @@ def build_model(
     backend: str | None = None,
     bf16: bool = False,
     recompute_num_layers: int = 0,
+    recompute_granularity: str = "full",
+    recompute_method: str = "block",
     use_cpu_initialization: bool = True,
 ) -> SOLOModel:
     """Build this rank's SOLOModel (model-parallel groups must be initialized)."""
     backend = backend or default_backend()
     config = transformer_config(model, parallel, bf16=bf16, recompute_num_layers=recompute_num_layers,
+                                recompute_granularity=recompute_granularity, recompute_method=recompute_method,
                                 use_cpu_initialization=use_cpu_initialization)
     solo = SOLOModel(
         config, model, backend,

@@ -35,9 +35,9 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
         stage = rows[0].get("stage", Path(run_dir).name)
         steps = [offset + r["step"] for r in rows]
         for key, style in (("loss", "-"), ("vl_loss", "--"), ("text_loss", ":")):
-            points = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
+            points = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), style, label=f"{stage} {key.replace('_', ' ')}")
+                ax.plot(*zip(*points, strict=True), style, label=f"{stage} {key.replace('_', ' ')}")
         offset = steps[-1]
         ax.axvline(offset, color="grey", linewidth=0.5)
     ax.set_xlabel("step (stages end to end)")

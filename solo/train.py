@@ -42,11 +42,12 @@ from solo.checkpoint import (
     check_attention_window,
     check_model_shape,
     check_stage_finished,
-    latest_checkpoint,
+    good_checkpoint_label,
     load_checkpoint,
     model_meta,
     read_meta,
     resolve_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from solo.config import ConfigError, ParallelConfig, TrainConfig, load_config
@@ -58,6 +59,8 @@ from solo.distributed import destroy_distributed, device, init_distributed
 from solo.faults import inject_into_forward_step
 from solo.metrics import MetricsLogger, attention_pairs, training_flops
 from solo.model import SOLOModel, build_model
+from solo.plan import check_fits, print_plan
+from solo.run_guard import guard_run
 from solo.tokenizer import TOKEN_IDS
 
 
@@ -92,10 +95,13 @@ class StopRequest:
 def train(cfg: TrainConfig) -> dict:
     p = cfg.parallel
     init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, seed=cfg.seed)
+    guard_run(cfg.save_dir)  # one run per save_dir; ranks die with torchrun
 
     # 1. Everything that can be wrong with the inputs is checked before any compute.
+    gpu_bytes = torch.cuda.get_device_properties(device()).total_memory if torch.cuda.is_available() else None
+    check_fits(cfg, gpu_bytes, dist.get_world_size())
     num_microbatches(cfg)
-    data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size)
+    data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size, cfg.model.vocab_size)
     resume, init = _checkpoints_to_load(cfg)
 
     # 2. Model, optimizer, schedule, and the state they start from.
@@ -121,7 +127,7 @@ def train(cfg: TrainConfig) -> dict:
             done = train_step(training, micro_batches, step)
             if done.fault:
                 if cfg.nonfinite_loss == "stop" or done.weights_touched:
-                    raise NonFiniteLoss(f"{done.fault}; stopping. The last good checkpoint is {last_saved}")
+                    raise NonFiniteLoss(f"{done.fault}; stopping. {good_checkpoint_label(last_saved)}")
                 log.info(f"{done.fault}; skipping this batch (nonfinite_loss=skip)")
             step += 1
             log.step(step, dataclasses.asdict(done.stats), lr=done.lr, grad_norm=done.grad_norm,
@@ -155,7 +161,7 @@ def num_microbatches(cfg: TrainConfig) -> int:
 
 def _checkpoints_to_load(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
     """(this run's latest checkpoint, or None; else the previous stage's `init_from`, or None), checked."""
-    resume = latest_checkpoint(cfg.save_dir)
+    resume = resume_checkpoint(cfg.save_dir)
     init = resolve_checkpoint(cfg.init_from) if (cfg.init_from and resume is None) else None
     for checkpoint in (resume, init):
         if checkpoint is not None:
@@ -234,6 +240,7 @@ def build_training(cfg: TrainConfig, train_steps: int, *, backend: str | None = 
     bf16 = gpu and cfg.precision == "bf16"
     p = cfg.parallel
     model = build_model(cfg.model, p, backend=backend, bf16=bf16, recompute_num_layers=cfg.recompute_num_layers,
+                        recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
                         use_cpu_initialization=use_cpu_initialization)
     ddp = _data_parallel(model, p, bf16=bf16, gpu=gpu)
     optimizer = get_megatron_optimizer(_optimizer_config(cfg.optimizer, p, bf16, model.config.params_dtype), [ddp])
@@ -386,9 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="stage YAML (configs/stage1.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor_parallel=2")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan per GPU and exit (no GPU, no torchrun)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="with --plan: check against this GPU size; exit 2 with the change that fits if not")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="with --plan: GPUs of the run (default $WORLD_SIZE, else 8)")
     args = parser.parse_args(argv)
     try:
-        train(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if args.plan:
+            return print_plan(cfg, args.gpu_memory_gib, args.gpus)
+        train(cfg)
     except (ConfigError, ShardError, CheckpointError, ValueError) as e:
         # Bad input: one clear line, before any compute where it can be checked up front.
         print(f"solo-train: error: {e}", file=sys.stderr, flush=True)

@@ -5,6 +5,9 @@ torchvision `Resize` on a PIL image does); numpy reshapes pixels into patches, r
 in place through pyarrow where it can (optional; otherwise one more copy). The pipeline is
 `load_image` -> `resize_for_patches` -> `patchify` (`encode_image` runs all three), then
 `normalize_patches` at batch time and `image_token_ids` for the token layout.
+
+What is decoded is bounded before any decoding: files below their root only (`ImagePath`), of at
+most MAX_IMAGE_FILE_BYTES, in IMAGE_FORMATS, taking at most MAX_DECODED_BYTES once decoded.
 """
 
 from __future__ import annotations
@@ -12,23 +15,47 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageMode, ImageOps
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+# The raster formats images are read in (PIL format names): what image-text corpora hold. Every
+# other PIL plugin stays closed: EPS would be handed to Ghostscript, and the rarely used decoders
+# (ICO, TGA, PPM, ...) are attack surface that no dataset needs.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Documents that are not raster images, by their first bytes (PIL has no reader for them).
+_DOCUMENT_MAGIC = {b"%PDF-": "PDF", b"%!PS": "PostScript"}
+
+# An encoded image file larger than this is refused before any byte is read: real photos are a
+# few MB (a 100-megapixel JPEG ~30 MB), and a path may name a disk image or a log file.
+MAX_IMAGE_FILE_BYTES = 64 << 20
+
+# Decoded pixels an image may take in PIL's memory (width x height x bands x bytes per band, from
+# the header, before decoding): 128 MiB is a 44-megapixel RGB photo. PIL's own bomb check counts
+# pixels only, so a 343 KB 9400x9400 RGBA PNG passed it and cost 2.3 GB on its way to RGB; the
+# conversions after decoding take at most a few times this again. Large JPEGs are decoded at a
+# reduced scale first (see `load_image`'s `fit`), so they pass.
+MAX_DECODED_BYTES = 128 << 20
+
 # Short machine-readable causes; the preprocessing CLI counts skipped images by these.
 REASONS = (
     "unreadable_file",  # the path cannot be read (missing, permissions, a directory)
+    "image_outside_root",  # an ImagePath that resolves (symlinks too) outside its root
+    "not_a_regular_file",  # a FIFO, a device, a socket
+    "image_too_large",  # a file of more than MAX_IMAGE_FILE_BYTES
     "empty_file",  # zero bytes
     "not_an_image",  # PIL cannot identify the format
+    "unsupported_format",  # an image or document format outside IMAGE_FORMATS (EPS, PDF, ICO, ...)
     "decompression_bomb",  # more pixels than max_pixels / PIL's MAX_IMAGE_PIXELS
+    "decoded_too_large",  # would take more than MAX_DECODED_BYTES decoded
     "empty_image",  # a side of zero pixels
     "corrupt_image",  # identified, but decoding fails (truncated JPEG, bad chunks, ...)
     "unsupported_mode",  # decoded, but a pixel mode to_rgb cannot convert
@@ -42,6 +69,50 @@ class ImageLoadError(ValueError):
         assert reason in REASONS, reason
         self.source, self.reason, self.detail = source, reason, detail
         super().__init__(f"{source}: {detail} [{reason}]")
+
+
+@dataclass(frozen=True)
+class ImagePath:
+    """A path an input record names (JSONL, Parquet, LLaVA JSON): `load_image` reads it only if
+    it resolves, symlinks included, to a regular file below `root` (`../`, absolute paths, links
+    out, /dev/zero and FIFOs are refused)."""
+
+    path: str
+    root: str
+
+
+def read_image_file(path: str | os.PathLike | ImagePath, *, name: str | None = None,
+                    max_bytes: int = MAX_IMAGE_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (below its root for an ImagePath)."""
+    root = path.root if isinstance(path, ImagePath) else None
+    path = path.path if isinstance(path, ImagePath) else os.fspath(path)
+    label = name or path
+    try:
+        real = os.path.realpath(path)
+        inside = root is None or os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root)
+        # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if inside else None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte or an unencodable character in the path
+        raise ImageLoadError(label, "unreadable_file", f"cannot read file ({e})") from e
+    if fd is None:
+        raise ImageLoadError(label, "image_outside_root", f"resolves to {real}, outside {os.path.realpath(root)}")
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageLoadError(label, "unreadable_file", "cannot read file (a directory)")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageLoadError(label, "not_a_regular_file", f"{real} is not a regular file (FIFO, device, socket)")
+        if info.st_size > max_bytes:
+            raise ImageLoadError(label, "image_too_large", f"{info.st_size} bytes > limit {max_bytes}")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageLoadError(label, "unreadable_file", f"cannot read file ({e})") from e
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # the file grew after fstat
+        raise ImageLoadError(label, "image_too_large", f"more than {max_bytes} bytes")
+    return data
 
 
 @dataclass(frozen=True)
@@ -87,38 +158,42 @@ def _strict_pil() -> Iterator[None]:
 
 
 def load_image(
-    source: str | os.PathLike | bytes | bytearray | memoryview,
+    source: str | os.PathLike | ImagePath | bytes | bytearray | memoryview,
     *,
     name: str | None = None,
     max_pixels: int | None = None,
+    fit: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """Decode a path or encoded bytes into an RGB image, EXIF orientation applied.
+    """Decode a path (an ImagePath: only below its root) or encoded bytes into an RGB image, EXIF
+    orientation applied.
 
-    Raises ImageLoadError naming `name` (default: the path, or "<bytes len=N>"). `max_pixels`
-    defaults to PIL's Image.MAX_IMAGE_PIXELS; PIL's own check still runs, so the effective
-    limit is the smaller of the two.
+    Raises ImageLoadError naming `name` (default: the path, or "<bytes len=N>"). A path must be a
+    regular file of at most MAX_IMAGE_FILE_BYTES. `max_pixels` defaults to PIL's
+    Image.MAX_IMAGE_PIXELS; PIL's own check still runs, so the effective limit is the smaller of the
+    two. An image that would take more than MAX_DECODED_BYTES decoded is refused before decoding.
+    `fit` = (patch_size, max_side): the image will be resized to `target_size`, so a JPEG is decoded
+    at the smallest DCT scale (1/2, 1/4, 1/8: PIL's `draft`) still at least that size.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         label = name or f"<bytes len={len(data)}>"
     else:
-        label = name or os.fspath(source)
-        try:
-            # Reading the bytes ourselves means no file handle outlives this call.
-            with open(source, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ImageLoadError(label, "unreadable_file", f"cannot read file ({e})") from e
+        label = name or (source.path if isinstance(source, ImagePath) else os.fspath(source))
+        # Reading the bytes ourselves means no file handle outlives this call.
+        data = read_image_file(source, name=label)
     if not data:
         raise ImageLoadError(label, "empty_file", "file is empty (0 bytes)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
     with _strict_pil():
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageLoadError(label, "decompression_bomb", str(e)) from e
         except Image.UnidentifiedImageError as e:
+            if other := _other_format(data):
+                raise ImageLoadError(label, "unsupported_format",
+                                     f"{other} is not one of the formats read ({', '.join(IMAGE_FORMATS)})") from e
             raise ImageLoadError(label, "not_an_image", "not a recognised image format") from e
         except MemoryError:
             raise
@@ -131,6 +206,9 @@ def load_image(
                 label, "decompression_bomb",
                 f"{im.width}x{im.height} = {im.width * im.height} pixels > limit {limit}",
             )
+        if fit is not None:
+            im.draft(None, target_size(im.width, im.height, *fit))  # a no-op but for JPEG
+        _check_decoded_bytes(im, label)
         try:
             im.load()  # decode everything now: a truncated file fails here, not later
         except MemoryError:
@@ -144,6 +222,30 @@ def load_image(
     except Exception:  # noqa: BLE001 - an unreadable EXIF block should not cost a good image
         pass
     return to_rgb(im, name=label)
+
+
+def _check_decoded_bytes(im: Image.Image, label: str) -> None:
+    mode = ImageMode.getmode(im.mode)
+    decoded = im.width * im.height * len(mode.bands) * np.dtype(mode.typestr).itemsize
+    if decoded > MAX_DECODED_BYTES:
+        raise ImageLoadError(label, "decoded_too_large", f"{im.width}x{im.height} {im.mode} would take "
+                             f"{decoded >> 20} MiB decoded > limit {MAX_DECODED_BYTES >> 20} MiB")
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format outside IMAGE_FORMATS that `data` starts like, by PIL's prefix checks only (the
+    `accept` functions of its plugins look at the first 16 bytes; nothing is parsed)."""
+    Image.init()
+    prefix = data[:16]
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt in IMAGE_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return fmt
+        except Exception:  # noqa: BLE001 - some checks index a short prefix (struct.error, IndexError)
+            continue
+    return next((name for magic, name in _DOCUMENT_MAGIC.items() if data.startswith(magic)), None)
 
 
 # Every mode of Image.MODES (Pillow 13), by how it reaches RGB. tests/test_vision.py checks that
@@ -246,15 +348,6 @@ def patchify(image: Image.Image | np.ndarray, patch_size: int = 32) -> np.ndarra
     return grid.reshape(rows * cols, 3 * patch_size * patch_size)  # copies: grid is strided
 
 
-def unpatchify(patches: np.ndarray, rows: int, cols: int, patch_size: int = 32) -> Image.Image:
-    """Exact inverse of `patchify`."""
-    p = np.asarray(patches)
-    expected = (rows * cols, 3 * patch_size * patch_size)
-    if p.dtype != np.uint8 or p.shape != expected:
-        raise ValueError(f"expected uint8 patches of shape {expected}, got {p.dtype} {p.shape}")
-    a = p.reshape(rows, cols, 3, patch_size, patch_size).transpose(0, 3, 1, 4, 2)
-    return Image.fromarray(np.ascontiguousarray(a.reshape(rows * patch_size, cols * patch_size, 3)))
-
 
 def _channel_view(patches: np.ndarray) -> np.ndarray:
     n = patches.shape[-1]
@@ -273,12 +366,6 @@ def normalize_patches(patches: np.ndarray) -> np.ndarray:
     return x.reshape(patches.shape)
 
 
-def denormalize_patches(patches: np.ndarray) -> np.ndarray:
-    """Inverse of `normalize_patches`, rounded back to uint8."""
-    x = _channel_view(np.asarray(patches, dtype=np.float32))
-    x = (x * IMAGENET_STD[:, None] + IMAGENET_MEAN[:, None]) * 255.0
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(patches.shape)
-
 
 def image_token_ids(rows: int, cols: int, tokenizer) -> list[int]:
     """`<vision>` row0 `<vrow_sep>` row1 ... row(rows-1) `</vision>`; a row is cols x `<vpatch>`."""
@@ -293,19 +380,6 @@ def image_token_ids(rows: int, cols: int, tokenizer) -> list[int]:
     ids.append(tokenizer.vision_end_id)
     return ids
 
-
-def visualize_patches(
-    image: Image.Image, patch_size: int = 32, max_side: int = 1024,
-    line_color: tuple[int, int, int] = (255, 0, 0),
-) -> Image.Image:
-    """The resized RGB image with the patch grid drawn over the patch borders."""
-    out = resize_for_patches(to_rgb(image), patch_size, max_side).copy()
-    draw = ImageDraw.Draw(out)
-    for x in range(patch_size, out.width, patch_size):
-        draw.line([(x, 0), (x, out.height - 1)], fill=line_color)
-    for y in range(patch_size, out.height, patch_size):
-        draw.line([(0, y), (out.width - 1, y)], fill=line_color)
-    return out
 
 
 def encode_image(

@@ -66,7 +66,7 @@ def test_mistral_and_the_authors_window_is_the_preset_and_tiny_models_keep_full_
     full = config_from_dict({"model": "mistral-7b"}, ["model.attention_window_tokens=null"])
     assert full.model.attention_window_tokens is None
     assert config_from_dict({}, ["model.attention_window_tokens=4097"]).model.attention_window_tokens == 4097
-    for bad, message in [("0", "attention_window_tokens must be null"), ("abc", "expected int")]:
+    for bad, message in [("0", "attention_window_tokens=0 must be null"), ("abc", "expected int")]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict({}, [f"model.attention_window_tokens={bad}"])
 

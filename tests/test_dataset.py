@@ -73,7 +73,7 @@ def test_a_sample_is_a_function_of_its_index_and_ranks_split_the_global_batch(fo
         assert [s.tokens.tolist() for s in halves] == [s.tokens.tolist() for s in batch]
     other_seed = StageData(data_config(folders, {"text": 0.5, "images": 0.5}, seed=99), 4, 20)
     assert any(x.tokens.tolist() != y.tokens.tolist()
-               for step in range(5) for x, y in zip(a.global_batch(step), other_seed.global_batch(step)))
+               for step in range(5) for x, y in zip(a.global_batch(step), other_seed.global_batch(step), strict=True))
 
 
 def test_a_shard_read_past_its_end_is_read_again_in_a_new_order(folders):

@@ -99,3 +99,19 @@ def test_device_side_normalization_is_the_vision_modules_bit_for_bit():
     patches = np.random.default_rng(0).integers(0, 256, (300, 3 * 32 * 32), dtype=np.uint8)
     patches[0], patches[1] = 0, 255
     assert np.array_equal(on_device(torch.from_numpy(patches)).numpy(), normalize_patches(patches))
+
+
+def test_every_recompute_setting_gives_the_loss_and_gradients_of_no_recompute(tmp_path):
+    """TP=2 with sequence parallel on 2 gloo ranks, fp32: recomputation changes memory, not numbers."""
+    out = tmp_path / "recompute.npz"
+    torchrun("model_checks.py", 2, "--check", "recompute", "--tp", "2", "--sp", "--out", out)
+    runs = dict(np.load(out))
+    ref_loss, ref_grad = float(runs["none_loss"]), runs["none_grad"]
+    assert ref_loss > 0 and np.abs(ref_grad).max() > 0
+    assert list(runs["full_uniform_2_settings"]) == ["full", "uniform"]  # reached megatron-core
+    assert list(runs["full_block_1_settings"]) == ["full", "block"]
+    assert list(runs["selective_settings"]) == ["selective", ""]
+    assert list(runs["none_settings"]) == ["", ""]
+    for name in ("full_uniform_2", "full_uniform_4", "full_block_1", "full_block_4", "selective"):
+        np.testing.assert_allclose(runs[f"{name}_loss"], ref_loss, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(runs[f"{name}_grad"], ref_grad, rtol=1e-5, atol=1e-7, err_msg=name)

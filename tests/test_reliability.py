@@ -15,6 +15,7 @@ of them deterministic are in `solo.faults` ($SOLO_FAULT_INJECT, off by default).
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import json
@@ -176,7 +177,8 @@ def test_sigkill_at_a_random_point_then_restart_equals_an_uninterrupted_run(root
     output(proc)
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     resumed_from = latest(save_dir) if (save_dir / "latest").exists() else "scratch"
-    print(f"killed {delay:.2f} s after step {k} was logged ({steps_logged(save_dir)} logged); resuming from {resumed_from}")
+    print(f"killed {delay:.2f} s after step {k} was logged ({steps_logged(save_dir)} logged); "
+          f"resuming from {resumed_from}")
     torchrun("-m solo.train", 2, cfg)
     assert_resumed_exactly(save_dir, reference)
 
@@ -271,7 +273,7 @@ def test_disk_full_during_checkpoint_is_a_clear_error_and_a_rerun_completes(root
     assert "solo-train: error:" in log and "writing the checkpoint of step 4 failed" in log, log[-4000:]
     assert "disk full?" in log and "last complete checkpoint is " + str(save_dir / "iter_0000002") in log
     assert "Traceback" not in log.split("solo-train: error:")[0].split("saved")[-1]
-    assert sorted(p.name for p in save_dir.iterdir()) == ["iter_0000002", "latest", "metrics.jsonl"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [".solo-train.lock", "iter_0000002", "latest", "metrics.jsonl"]
     assert latest(save_dir) == "iter_0000002"
     assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
     resize_tmpfs(small_disk, "320m")
@@ -396,7 +398,8 @@ def _corrupt(shards: Path, how: str) -> tuple[Path, bool]:
         other = shards / "text" / "shard-00001.tokens.idx"
         shutil.copy(other, f"{prefix}.tokens.idx")
         manifest_path = Path(f"{prefix}.json")
-        manifest, other_manifest = json.loads(manifest_path.read_text()), json.loads((shards / "text" / "shard-00001.json").read_text())
+        manifest = json.loads(manifest_path.read_text())
+        other_manifest = json.loads((shards / "text" / "shard-00001.json").read_text())
         manifest["files"]["shard-00003.tokens.idx"] = other_manifest["files"]["shard-00001.tokens.idx"]
         manifest_path.write_text(json.dumps(manifest))
     elif how == "idx_pointer_flipped":  # same size, only an offset into the .bin changes
@@ -702,3 +705,449 @@ def _check_input(preprocess, name: str, data: bytes) -> None:
 @given(st.sampled_from(sorted(INPUTS)).flatmap(lambda name: st.tuples(st.just(name), mutated([INPUTS[name]]))))
 def test_fuzz_preprocess_readers_on_damaged_inputs(preprocess, bounded_memory, case):
     _check_input(preprocess, *case)
+
+
+# -- 8. Untrusted paths, small inputs that decode huge, corrupt shard content (issue 17) ----------
+
+def test_image_paths_are_confined_to_regular_files_under_the_declared_root(tmp_path):
+    from solo.data.shards import read_folder_manifest
+    from solo.preprocess.cli import main
+    from solo.vision import MAX_IMAGE_FILE_BYTES
+
+    def preprocess(*args) -> dict:
+        out = tmp_path / f"out-{time.monotonic_ns()}"
+        assert main([*map(str, args), "--output", str(out), "--seq-length", "2048", "--max-side", "256",
+                     "--workers", "1"]) == 0
+        return read_folder_manifest(out)
+
+    cat, secret = _photo("chelsea.png", "JPEG", 128), _photo("coffee.png", "JPEG", 128)
+    (tmp_path / "secret.jpg").write_bytes(secret)  # beside the data, outside its root
+    data = tmp_path / "data"
+    (data / "images" / "dir.jpg").mkdir(parents=True)
+    (data / "images" / "cat.jpg").write_bytes(cat)
+    (data / "images" / "alias.jpg").symlink_to("cat.jpg")  # a link that stays inside: read
+    (data / "images" / "out.jpg").symlink_to(tmp_path / "secret.jpg")
+    with open(data / "images" / "huge.jpg", "wb") as f:  # sparse: costs no disk
+        f.truncate(MAX_IMAGE_FILE_BYTES + 1)
+    paths = {"images/cat.jpg": None, "images/alias.jpg": None, "../secret.jpg": "image_outside_root",
+             str(tmp_path / "secret.jpg"): "image_outside_root", "images/out.jpg": "image_outside_root",
+             "images/huge.jpg": "image_too_large", "images/dir.jpg": "unreadable_file",
+             "images/missing.jpg": "unreadable_file"}
+    expected = dict(sorted(collections.Counter(r for r in paths.values() if r).items()))
+    (data / "pairs.jsonl").write_text("".join(json.dumps({"image": p, "caption": f"picture {p}"}) + "\n"
+                                              for p in paths))
+    manifest = preprocess("captions", "--input", data / "pairs.jsonl")
+    assert manifest["skipped"] == expected and manifest["totals"]["documents"] == 2
+
+    # LLaVA JSON (paths below --images) and Parquet (below the file's folder) go the same way.
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    (data / "llava.json").write_text(json.dumps([{"id": p, "image": p, "conversations": turns} for p in
+                                                 ("cat.jpg", "../../secret.jpg", str(tmp_path / "secret.jpg"))]))
+    manifest = preprocess("sft", "--input", data / "llava.json", "--images", data / "images")
+    assert manifest["skipped"] == {"image_outside_root": 2} and manifest["totals"]["documents"] == 1
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [{"bytes": None, "path": p} for p in ("images/cat.jpg", "../secret.jpg")],
+                             "caption": ["inside", "outside"]}), data / "pairs.parquet")
+    manifest = preprocess("captions", "--input", data / "pairs.parquet")
+    assert manifest["skipped"] == {"image_outside_root": 1} and manifest["totals"]["documents"] == 1
+
+
+FIFO_CHILD = """
+import sys
+from solo.preprocess.documents import Layout, Skip, build
+from solo.preprocess.formats import read_records
+from solo.tokenizer import SOLOTokenizer
+from solo.vision import ImageLoadError, load_image
+
+layout = Layout(SOLOTokenizer.default(), 2048, 32, 256)
+for record in read_records("captions", sys.argv[1], 0, None):
+    try:
+        build("captions", record, layout)
+    except Skip as s:
+        print(s.reason)
+for path in ("/dev/zero", sys.argv[2]):  # a path outside any record (ImageNet listings): no root
+    try:
+        load_image(path)
+    except ImageLoadError as e:
+        print(e.reason)
+"""
+
+
+def test_a_fifo_or_device_named_by_a_record_is_refused_without_reading_it(tmp_path):
+    # In a child with a deadline and a memory limit: before the fix a FIFO blocked the run forever
+    # and /dev/zero was read until memory ran out.
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    os.mkfifo(data / "images" / "fifo.jpg")
+    (data / "images" / "zero.jpg").symlink_to("/dev/zero")
+    (data / "pairs.jsonl").write_text("".join(json.dumps({"image": p, "caption": "x"}) + "\n" for p in
+                                              ("images/fifo.jpg", "images/zero.jpg", "/dev/zero")))
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+    done = subprocess.run([sys.executable, "-c", limit + FIFO_CHILD, str(data / "pairs.jsonl"),
+                           str(data / "images" / "fifo.jpg")],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["not_a_regular_file", "image_outside_root", "image_outside_root",
+                                   "not_a_regular_file", "not_a_regular_file"]
+
+
+MEMORY_CHILD = """
+import resource, sys
+from solo.preprocess.documents import Layout, Skip, build
+from solo.preprocess.formats import read_records
+from solo.tokenizer import SOLOTokenizer
+
+layout = Layout(SOLOTokenizer.default(), 2048, 32, int(sys.argv[3]))
+kind, path = sys.argv[1], sys.argv[2]
+list(read_records(kind, path, 0, None))  # warm: the readers' imports and buffers
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+outcomes = []
+for record in read_records(kind, path, 0, None):
+    try:
+        outcomes.append(f"{len(build(kind, record, layout))} documents")
+    except Skip as s:
+        outcomes.append(s.reason)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, *outcomes)
+"""
+
+
+def _peak_mb_and_outcomes(kind: str, path: Path, max_side: int = 256) -> tuple[int, list[str]]:
+    """Read and build every record of `path` in a child; (its peak RSS growth in MB, outcomes)."""
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, kind, str(path), str(max_side)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak, *outcomes = done.stdout.split(maxsplit=1)
+    return int(peak), outcomes[0].replace(" documents", "_documents").split() if outcomes else []
+
+
+def _tiny_png(width: int, height: int, color_type: int) -> bytes:
+    """A PNG of one colour: a few hundred KB whatever its size (color type 6: RGBA, 2: RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + width * {2: 3, 6: 4}[color_type])
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_a_small_png_that_decodes_to_gigabytes_is_refused_before_decoding(tmp_path):
+    from solo.vision import MAX_DECODED_BYTES
+
+    bomb = _tiny_png(9400, 9400, 6)  # 343 KB; RGBA under PIL's pixel limit: 353 MB decoded, 2.3 GB converted
+    assert len(bomb) < 400_000 and 9400 * 9400 * 4 > MAX_DECODED_BYTES
+    (tmp_path / "big.png").write_bytes(bomb)
+    (tmp_path / "small.png").write_bytes(_tiny_png(640, 480, 2))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": f, "caption": "x"}) + "\n"
+                                                  for f in ("big.png", "small.png")))
+    peak_mb, outcomes = _peak_mb_and_outcomes("captions", tmp_path / "pairs.jsonl")
+    assert outcomes == ["decoded_too_large", "1_documents"] and peak_mb < 100, (peak_mb, outcomes)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    # 8000x6000 decoded whole is 192 MB (over the limit); PIL's draft decodes it at 1/4 scale for a
+    # 1024-pixel target, so it is read, and costs a sixteenth.
+    from PIL import Image
+
+    from solo.vision import MAX_DECODED_BYTES
+
+    gradient = Image.linear_gradient("L").resize((8000, 6000)).convert("RGB")
+    assert 8000 * 6000 * 3 > MAX_DECODED_BYTES
+    gradient.save(tmp_path / "photo.jpg", quality=80)
+    del gradient
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "photo.jpg", "caption": "a gradient"}) + "\n")
+    peak_mb, outcomes = _peak_mb_and_outcomes("captions", tmp_path / "pairs.jsonl", max_side=1024)
+    assert outcomes == ["1_documents"] and peak_mb < 120, (peak_mb, outcomes)
+
+
+def test_a_small_zst_holding_a_huge_document_is_streamed_and_skipped(tmp_path):
+    import zstandard
+
+    from solo.preprocess.formats import MAX_RECORD_BYTES
+
+    huge = b'{"text": "' + b"a" * (200 << 20) + b'"}\n'  # 200 MiB of one document in ~6 KB
+    lines = b'{"text": "before"}\n' + huge + b'{"text": "after"}\n'
+    data = zstandard.ZstdCompressor().compress(lines)
+    del huge, lines
+    assert len(data) < 10_000 and 200 << 20 > MAX_RECORD_BYTES
+    (tmp_path / "docs.jsonl.zst").write_bytes(data)
+    peak_mb, outcomes = _peak_mb_and_outcomes("text", tmp_path / "docs.jsonl.zst")
+    assert outcomes == ["1_documents", "document_too_large", "1_documents"] and peak_mb < 100, (peak_mb, outcomes)
+
+
+# -- 9. Issue 17: the training and checkpoint side ------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--tp", "0"],
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--tp", "-2"],
+    ["hf-to-solo", "--hf", "x", "--output", "y", "--seed", "-1"],
+    ["solo-to-hf", "--checkpoint", "x", "--output", "y", "--max-shard-gb", "0"],
+])
+def test_solo_convert_refuses_non_positive_counts_before_reading_anything(args, capsys):
+    from solo.convert.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"solo-convert {args[0]}: error: argument {args[-2]}" in err, err
+
+
+def train_tp1(config_path: Path, *overrides: str, env: dict | None = None, timeout: float = 600):
+    """solo.train as one process (TP=1), as a user runs it on one machine. Output goes to files and
+    the process group is killed at the end: a SIGKILLed run leaves the checkpoint writer's
+    multiprocessing helpers behind, which would hold pipes open and outlive the test."""
+    env = {**ENV, "MASTER_PORT": str(free_port()), **(env or {})}
+    cmd = [sys.executable, "-m", "solo.train", str(config_path), "parallel.tensor_parallel=1", *overrides]
+    with open(config_path.with_suffix(f".{time.monotonic_ns()}.out"), "w+") as out, \
+            open(config_path.with_suffix(f".{time.monotonic_ns()}.err"), "w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+@pytest.fixture(scope="module")
+def four_steps(root) -> Path:
+    """A finished one-process run: checkpoints at steps 2 and 4 (the rollback and damage tests copy it)."""
+    save_dir = root / "runs" / "four-steps"
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert latest(save_dir) == "iter_0000004" and len(losses(save_dir)) == 4
+    return save_dir
+
+
+def copy_run(run: Path, to: Path, latest_name: str | None = None) -> Path:
+    shutil.copytree(run, to)
+    if latest_name is not None:
+        (to / "latest").write_text(latest_name + "\n")
+    return to
+
+
+@pytest.mark.distributed
+def test_rollback_with_keep_1_never_prunes_what_latest_names_and_resumes(root, four_steps, tmp_path):
+    """`latest` rolled back to step 2 while steps 4 exists, keep_checkpoints=1: the step-3 save must
+    survive its own pruning, so a crash at the next save leaves a run that resumes (issue 17, item 1)."""
+    save_dir = copy_run(four_steps, tmp_path / "run", "iter_0000002")
+    cfg = config(root, save_dir, train_steps=4, save_interval_steps=1, keep_checkpoints=1)
+    crashed = train_tp1(cfg, env={"SOLO_FAULT_INJECT": "crash_in_save@step=4"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-4000:]
+    assert latest(save_dir) == "iter_0000003" and (save_dir / "iter_0000003" / "solo_meta.json").is_file()
+    assert not (save_dir / "iter_0000002").exists()  # older than the new save: pruned
+    # Every file of the new checkpoint is recorded with its size and checksum (item 7).
+    record = json.loads((save_dir / "iter_0000003" / "checksums.json").read_text())
+    on_disk = {p.name: p.stat().st_size for p in (save_dir / "iter_0000003").iterdir() if p.name != "checksums.json"}
+    assert {name: f["bytes"] for name, f in record["files"].items()} == on_disk and ".metadata" in on_disk
+    resumed = train_tp1(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {save_dir / 'iter_0000003'}" in resumed.stdout
+    assert losses(save_dir) == losses(four_steps)
+
+
+@pytest.mark.distributed
+def test_missing_latest_resumes_from_the_newest_verified_checkpoint_and_says_so(root, four_steps, tmp_path):
+    """No `latest` beside iter_* folders (and the newest one damaged): never a silent restart from
+    random weights (item 1); a cut last line of metrics.jsonl is dropped with a log line (item 12)."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    (save_dir / "latest").unlink()
+    _flip_byte(save_dir / "iter_0000004" / "__0_0.distcp", 1000)
+    metrics = (save_dir / "metrics.jsonl").read_text()
+    (save_dir / "metrics.jsonl").write_text(metrics[:len(metrics) - 40])  # killed mid-write of step 4's row
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert f"{save_dir}: no `latest` pointer; resuming from the newest verified checkpoint iter_0000002" in out, out
+    assert "iter_0000004 is damaged" in out and "__0_0.distcp" in out, out
+    assert "metrics.jsonl: dropped a partial last line" in out, out
+    assert "random init" not in out and losses(save_dir) == losses(four_steps)
+
+
+def _craft_metadata_pickle(checkpoint: Path) -> None:
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("open('/tmp/pwned', 'w')",))
+
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    record_path = checkpoint / "checksums.json"  # re-recorded: only the unpickler can refuse it now
+    if record_path.exists():
+        from solo.fileio import checksum_file
+
+        record = json.loads(record_path.read_text())
+        record["files"][".metadata"] = {"bytes": (checkpoint / ".metadata").stat().st_size,
+                                        "xxh3_128": checksum_file(checkpoint / ".metadata")}
+        record_path.write_text(json.dumps(record))
+
+
+DAMAGE = {
+    "flipped_distcp": (lambda c: _flip_byte(c / "__0_1.distcp", 4096), "__0_1.distcp does not match its checksum"),
+    "truncated_distcp": (lambda c: (c / "__0_0.distcp").write_bytes((c / "__0_0.distcp").read_bytes()[:-999]),
+                         "__0_0.distcp has"),
+    "missing_metadata": (lambda c: (c / ".metadata").unlink(), ".metadata is missing"),
+    "crafted_pickle": (_craft_metadata_pickle, "refusing to unpickle builtins.exec"),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_checkpoint_at_resume_is_one_error_line_exit_2(root, four_steps, tmp_path, damage):
+    """Items 7 and 11: verified at load (size and xxh3 of every file), any other load failure
+    becomes one `solo-train: error:` line naming the checkpoint."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    damage_fn, message = DAMAGE[damage]
+    damage_fn(save_dir / "iter_0000004")
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("solo-train: error:")]
+    assert len(errors) == 1 and str(save_dir / "iter_0000004") in errors[0], proc.stderr[-3000:]
+    assert message in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr and not Path("/tmp/pwned").exists()
+
+
+@pytest.mark.distributed
+def test_truncated_solo_meta_is_an_error_naming_the_file(root, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    meta = save_dir / "iter_0000004" / "solo_meta.json"
+    meta.write_text(meta.read_text()[:50])
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"solo-train: error: {meta}: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_rerunning_a_finished_stage_keeps_its_result(root, four_steps, tmp_path):
+    """Item 14: the rerun of a finished stage says so, exits 0 and leaves result.json as it was."""
+    save_dir = copy_run(four_steps, tmp_path / "run")
+    before = (save_dir / "result.json").read_bytes()
+    assert len(json.loads(before)["losses"]) == 4
+    proc = train_tp1(config(root, save_dir, train_steps=4))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "already finished at step 4 of 4" in proc.stdout, proc.stdout[-3000:]
+    assert (save_dir / "result.json").read_bytes() == before
+
+
+@pytest.mark.distributed
+def test_nonfinite_stop_names_no_unverified_checkpoint_as_good(root, four_steps, tmp_path):
+    """Item 7: a checkpoint without a checksum record (written before they existed) loads with a
+    warning, and is not called "the last good checkpoint"."""
+    save_dir = copy_run(four_steps, tmp_path / "run", "iter_0000002")
+    (save_dir / "iter_0000002" / "checksums.json").unlink()
+    proc = train_tp1(config(root, save_dir, train_steps=4), env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=3"})
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert f"{save_dir / 'iter_0000002'} has no checksums.json: loaded unverified" in proc.stdout, proc.stdout[-3000:]
+    assert "stopping. No verified checkpoint to go back to" in proc.stderr, proc.stderr[-3000:]
+
+
+def _stage_data(shards: Path, **data_overrides):
+    from solo.config import DataConfig, DataSource
+    from solo.data.dataset import StageData
+
+    data = DataConfig(sources=(DataSource("images", str(shards / "images"), 0.7),
+                               DataSource("text", str(shards / "text"), 0.3)), seq_length_tokens=256, **data_overrides)
+    return lambda **kw: StageData(data, global_batch_size=4, train_steps=STEPS, patch_size=32, **kw)
+
+
+def test_an_unfinished_shard_folder_is_refused_unless_allowed(root, tmp_path):
+    """Item 5: a folder manifest saying `complete: false` (a killed solo-preprocess)."""
+    from solo.data.shards import ShardError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    manifest = json.loads((shards / "text" / "manifest.json").read_text())
+    (shards / "text" / "manifest.json").write_text(json.dumps(
+        {**manifest, "shards_planned": 30, "shards_complete": 14, "complete": False}))
+    with pytest.raises(ShardError, match=re.escape(f"data source 'text': {shards / 'text'} is unfinished "
+                                                   "(14 of 30 shards complete")) as error:
+        _stage_data(shards)()
+    assert "data.allow_incomplete=true" in str(error.value)
+    assert _stage_data(shards, allow_incomplete=True)().sources[1].shards == manifest["shards"]
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_token_ids_beyond_the_model_vocabulary_are_refused_before_compute(root, tmp_path, recorded):
+    """Item 6: from the shard manifest's `token_id_range` when solo-preprocess recorded it, else
+    from the tokens themselves."""
+    from solo.data.shards import ShardError, list_shards, open_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    for p in list_shards(shards / "text") + list_shards(shards / "images"):
+        if recorded:  # as solo-preprocess records it
+            path = Path(f"{p}.json")
+            ids = np.concatenate([s.tokens for s in map(open_shard(p).sample, range(len(open_shard(p))))])
+            path.write_text(json.dumps({**json.loads(path.read_text()),
+                                        "token_id_range": [int(ids.min()), int(ids.max())]}))
+    build = _stage_data(shards)
+    build(vocab_size=33031)  # the tokenizer's vocabulary: fine
+    with pytest.raises(ShardError) as error:
+        build(vocab_size=10)
+    message = str(error.value)
+    assert "model.vocab_size=10" in message and "token ids up to" in message and str(shards) in message, message
+
+
+@pytest.mark.distributed
+def test_a_second_job_on_the_save_dir_is_refused_and_ranks_die_with_their_launcher(root, tmp_path):
+    """Item 10: the save_dir lock names its holder; SIGKILL of torchrun alone (not its process
+    group) takes the ranks down within seconds, and they write no further checkpoint."""
+    import fcntl
+
+    save_dir = tmp_path / "run"
+    cfg = config(root, save_dir, train_steps=40, save_interval_steps=1, keep_checkpoints=2)
+    job = launch(cfg)
+    try:
+        wait_for_steps(job, save_dir, 1)
+        ranks = psutil.Process(job.pid).children()
+        assert len(ranks) == 2
+        second = train_tp1(cfg, timeout=180)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert re.search(rf"solo-train: error: {re.escape(str(save_dir))} is in use by another run "
+                         rf"\(pid \d+ on {re.escape(os.uname().nodename)}", second.stderr), second.stderr[-3000:]
+        job.kill()  # torchrun alone: its ranks lose their launcher
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, f"ranks {[p.pid for p in alive]} outlived their launcher"
+        written = sorted(p.name for p in save_dir.iterdir())
+        time.sleep(2)
+        assert sorted(p.name for p in save_dir.iterdir()) == written
+        with open(save_dir / ".solo-train.lock", "a") as lock:  # released with its holder
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        for rank in psutil.Process().children(recursive=True):
+            rank.kill()
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_launch_script_saves_and_it_exits_0(root):
+    """Item 17: torchrun exits 1 after a SIGTERM of its own even when every rank saved and exited 0
+    (and kills ranks still saving 30 s after it). scripts/pretrain.sh hands a SIGTERM to the ranks
+    instead, so the clean stop is exit 0 and the save has all the time it needs."""
+    save_dir = root / "runs" / "sigterm-script"
+    cfg = config(root, save_dir, save_interval_steps=100)
+    log = open(cfg.with_suffix(".term.log"), "w+")
+    proc = subprocess.Popen(["bash", "scripts/pretrain.sh", str(cfg)], cwd=Path(__file__).parent.parent,
+                            env={**ENV, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    wait_for_steps(proc, save_dir, 2)
+    proc.send_signal(signal.SIGTERM)  # the launch script alone, as `scancel --signal=TERM --batch` does
+    out = output(proc)
+    stopped = re.search(r"stop requested \(SIGTERM\): saved step (\d+), exiting", out)
+    assert stopped, out[-4000:]
+    assert proc.returncode == 0, out[-4000:]
+    assert json.loads((save_dir / "result.json").read_text())["preempted"] is True
+    assert latest(save_dir) == f"iter_{int(stopped.group(1)):07d}"

@@ -74,7 +74,7 @@ def test_roundtrip_through_megatron_indexed_dataset(tmp_path):
         np.testing.assert_array_equal(got.loss_mask, expected.loss_mask)
         assert got.document_lengths == expected.document_lengths
         assert len(got.patches) == len(expected.patches)
-        for a, b in zip(got.patches, expected.patches):
+        for a, b in zip(got.patches, expected.patches, strict=True):
             np.testing.assert_array_equal(a, b)
     # The raw megatron-core view: one sequence per document, document_indices group samples; an
     # image-free sample is an empty pixel group.
@@ -320,3 +320,74 @@ def test_folder_helpers(tmp_path):
     atomic_write_json(tmp_path / "manifest.json", {"shards": []})
     assert read_folder_manifest(tmp_path) == {"shards": []}
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+# -- issue 17: corrupt shard content (ids out of range, loss flags not 0/1) is refused -----------
+
+def _overwrite(path, offset, value, dtype):
+    data = bytearray(path.read_bytes())
+    data[offset:offset + np.dtype(dtype).itemsize] = np.array([value], dtype).tobytes()
+    path.write_bytes(bytes(data))  # same size: only a checksum (off by default) would see it
+
+
+def _drop_content_keys(prefix):
+    path = prefix.with_name(prefix.name + ".json")
+    manifest = json.loads(path.read_text())
+    del manifest["token_id_range"], manifest["loss_flags"]
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("value", [-7, 2_000_000_000, 33031])
+def test_writer_refuses_token_ids_outside_the_vocabulary(tmp_path, value):
+    sample = make_samples()[0]
+    sample.tokens[3] = value
+    writer = ShardWriter(tmp_path / "shard-00000", P, SEQ)
+    with pytest.raises(ShardError, match=rf"shard-00000: sample 0: token id {value} at position 3 is outside "
+                                         r"\[0, 33031\)"):
+        writer.add_sample(sample)
+    writer.abort()
+
+
+def test_manifest_records_the_token_id_range_and_loss_flags_and_open_checks_them(tmp_path):
+    prefix = write(tmp_path)
+    samples = make_samples()
+    manifest = open_shard(prefix).manifest
+    tokens = np.concatenate([s.tokens for s in samples])
+    assert manifest["token_id_range"] == [int(tokens.min()), int(tokens.max())] and manifest["loss_flags"] == [0, 1]
+    for key, value, message in [("token_id_range", [0, 2_000_000_000], r"token ids \[0, 2000000000\] outside"),
+                                ("token_id_range", [-7, 40], r"token ids \[-7, 40\] outside"),
+                                ("token_id_range", "all", "token_id_range must be"),
+                                ("loss_flags", [0, 1, 200], r"loss flags \[0, 1, 200\]")]:
+        _rewrite_manifest_keys(prefix, **{key: value})
+        with pytest.raises(ShardError, match=rf"shard-00000: {message}"):
+            open_shard(prefix)
+        _rewrite_manifest_keys(prefix, **{key: manifest[key]})
+    open_shard(prefix)
+
+
+def _rewrite_manifest_keys(prefix, **keys):
+    path = prefix.with_name(prefix.name + ".json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **keys}))
+
+
+@pytest.mark.parametrize("part, value, message", [("tokens", -7, "token id -7"), ("tokens", 2_000_000_000,
+                                                   "token id 2000000000"), ("loss", 200, "loss flag 200")])
+def test_corrupt_content_is_refused_by_collate_naming_the_shard_and_sample(tmp_path, part, value, message):
+    from solo.data.batch import collate
+
+    prefix = write(tmp_path)
+    dtype = np.int32 if part == "tokens" else np.uint8
+    shard = open_shard(prefix)
+    offset = int(shard.parts[part].document_indices[1])  # sample 1's first sequence
+    start = int(shard.parts[part].index.sequence_pointers[offset]) + 5 * np.dtype(dtype).itemsize
+    del shard
+    _overwrite(tmp_path / f"shard-00000.{part}.bin", start, value, dtype)
+    shard = open_shard(prefix)  # the manifest's range is fine: only the batch shows the damage
+    collate([shard.sample(0)], SEQ)
+    with pytest.raises(ShardError, match=rf"{prefix} sample 1: {message} at position 5"):
+        collate([shard.sample(0), shard.sample(1)], SEQ)
+
+    # A shard from before the manifest recorded the range: open_shard scans its files instead.
+    _drop_content_keys(prefix)
+    with pytest.raises(ShardError, match=rf"{prefix}: .*{message.split()[-1]}.* \(corrupt .bin\)"):
+        open_shard(prefix)

@@ -18,7 +18,6 @@ from PIL import Image, ImageFile, ImageOps
 from solo.vision import (
     EncodedImage,
     ImageLoadError,
-    denormalize_patches,
     encode_image,
     image_token_ids,
     load_image,
@@ -27,9 +26,8 @@ from solo.vision import (
     resize_for_patches,
     target_size,
     to_rgb,
-    unpatchify,
-    visualize_patches,
 )
+from tests.patch_views import denormalize_patches, unpatchify, visualize_patches
 
 SKIMAGE_DIR = os.path.dirname(skimage.data.__file__)
 FAKE_TOK = SimpleNamespace(vision_start_id=-1, patch_id=-2, row_sep_id=-3, vision_end_id=-4)

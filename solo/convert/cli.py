@@ -19,22 +19,37 @@ import sys
 DTYPES = ("bfloat16", "float32")
 
 
+def _number(kind: type, minimum: float, strict: bool):
+    """An argparse type: a `kind` above (or from) `minimum`, so a bad count is a usage error, exit 2."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum) or value != value:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="solo-convert", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     to_solo = commands.add_parser("hf-to-solo", help="HF Mistral / SoloForCausalLM -> SOLO checkpoint")
     to_solo.add_argument("--hf", required=True, help="HF folder: config.json + *.safetensors")
     to_solo.add_argument("--output", required=True, help="new checkpoint folder (must not exist)")
-    to_solo.add_argument("--tp", type=int, default=1,
+    to_solo.add_argument("--tp", type=_number(int, 0, strict=True), default=1,
                          help="tensor-parallel size to check the shape against (the checkpoint itself loads at any TP)")
-    to_solo.add_argument("--seed", type=int, default=1234, help="seed of the new patch projection")
+    to_solo.add_argument("--seed", type=_number(int, 0, strict=False), default=1234,
+                         help="seed of the new patch projection")
     to_solo.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the HF weights' dtype)")
     to_hf = commands.add_parser("solo-to-hf", help="SOLO checkpoint (any TP) -> HF FuyuForCausalLM folder")
     to_hf.add_argument("--checkpoint", required=True, help="checkpoint folder, or a save dir with `latest`")
     to_hf.add_argument("--output", required=True, help="new HF folder (must not exist)")
     to_hf.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: as stored)")
     to_hf.add_argument("--tokenizer", help="Mistral-7B-v0.1 sentencepiece model (default: the packaged one)")
-    to_hf.add_argument("--max-shard-gb", type=float, default=2.0,
+    to_hf.add_argument("--max-shard-gb", type=_number(float, 0, strict=True), default=2.0,
                        help="safetensors shard size limit (peak memory is the model plus one shard)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

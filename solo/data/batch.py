@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from solo.data.shards import VOCAB_SIZE, ShardError
 from solo.tokenizer import SP_VOCAB_SIZE
 
 FIRST_SPECIAL_ID = SP_VOCAB_SIZE  # 32000: no loss on any id from here on
@@ -44,9 +45,11 @@ class PackedBatch:
         return PackedBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
 
-def collate(samples, seq_length: int, pad_id: int = 0) -> PackedBatch:
+def collate(samples, seq_length: int, pad_id: int = 0, vocab_size: int = VOCAB_SIZE) -> PackedBatch:
     """`samples`: objects with `tokens`, `loss_mask`, `document_lengths` and `patches` (a list of
-    uint8 [n, 3P²] arrays), as `solo.data.shards.PackedSample`."""
+    uint8 [n, 3P²] arrays), as `solo.data.shards.PackedSample`. A token id outside [0, vocab_size)
+    or a loss flag other than 0/1 (a shard changed after it was written) is a ShardError naming the
+    sample's `origin` (its shard and index)."""
     rows = len(samples)
     tokens = np.full((rows, seq_length + 1), pad_id, dtype=np.int64)
     targets = np.zeros((rows, seq_length + 1), dtype=np.float32)
@@ -76,6 +79,7 @@ def collate(samples, seq_length: int, pad_id: int = 0) -> PackedBatch:
             row_lengths.append(seq_length - n)
         lengths.extend(row_lengths)
         patches.extend(sample.patches)
+    _check_values(samples, tokens, targets, vocab_size)
     labels = tokens[:, 1:]
     # A label is a target only inside its document (the next token is no document start) and only
     # for natural-language ids.
@@ -90,6 +94,17 @@ def collate(samples, seq_length: int, pad_id: int = 0) -> PackedBatch:
         cu_seqlens=torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
         patches=torch.from_numpy(patch_array),
     )
+
+
+def _check_values(samples, tokens: np.ndarray, flags: np.ndarray, vocab_size: int) -> None:
+    bad_ids, bad_flags = (tokens < 0) | (tokens >= vocab_size), (flags != 0) & (flags != 1)
+    if not (bad_ids.any() or bad_flags.any()):
+        return
+    r, j = np.argwhere(bad_ids | bad_flags)[0]
+    what = f"token id {tokens[r, j]}" if bad_ids[r, j] else f"loss flag {int(flags[r, j])}"
+    where = getattr(samples[r], "origin", "") or f"packed sample {r}"
+    raise ShardError(f"{where}: {what} at position {j} (ids are 0..{vocab_size - 1}, flags 0 or 1): "
+                     "the shard's files changed after it was written; data.verify_checksums=true finds which")
 
 
 def block_diagonal_causal_mask(cu_seqlens: torch.Tensor, rows: int, seq_length: int) -> torch.Tensor:

@@ -5,6 +5,13 @@ the source's fraction times the shard's share of the source's packed sequences, 
 manifests, so nobody types per-shard weights by hand (the SOLO authors did, after a notebook). A
 shard asked for more samples than it holds is re-read in a new order each epoch. Sample `i` of the
 blend is a pure function of (shards, fractions, seed, i): the data position of a run is its step.
+
+Checked before any compute, besides each shard's own checks (`open_shard`): a folder that
+solo-preprocess did not finish (`complete: false` in its manifest.json) is refused unless
+`data.allow_incomplete`, and every token id must lie in the model's vocabulary. The id range comes
+from each shard manifest's `token_id_range` when solo-preprocess recorded it; shards written
+before that are scanned (one read of their tokens.bin, 4 bytes a token: seconds per GB, from the
+page cache on every rank after the first).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import math
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from megatron.core.datasets.blended_dataset import BlendedDataset
@@ -21,7 +29,7 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
 from solo.config import DataConfig
-from solo.data.shards import Shard, ShardError, list_shards, open_shard
+from solo.data.shards import PARTS, Shard, ShardError, list_shards, open_shard, read_folder_manifest
 
 logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
 
@@ -67,13 +75,14 @@ class StageData:
     """The blend of one stage. `global_batch(step)` gives the packed samples of a step."""
 
     def __init__(self, data: DataConfig, global_batch_size: int, train_steps: int,
-                 patch_size: int | None = None):
+                 patch_size: int | None = None, vocab_size: int | None = None):
         if not data.sources:
             raise ValueError("data.sources is empty: a stage needs at least one source of shards")
         config = BlendedMegatronDatasetConfig(random_seed=data.seed, sequence_length=data.seq_length_tokens)
         listed = []
         for source in data.sources:
             prefixes = list_shards(source.path)  # raises a clear error for a missing folder
+            _check_finished(source.name, source.path, data.allow_incomplete)
             if not prefixes:
                 raise ShardError(f"data source {source.name!r}: no complete shards in {source.path}")
             listed.append((source, prefixes))
@@ -81,8 +90,10 @@ class StageData:
         opened, self.sources = [], []
         for source, prefixes in listed:
             shards = [open_shard(p, verify_checksum=data.verify_checksums) for p in prefixes]
-            for prefix, shard in zip(prefixes, shards):
+            for prefix, shard in zip(prefixes, shards, strict=True):
                 _check_compatible(prefix, shard.manifest, data.seq_length_tokens, patch_size)
+                if vocab_size is not None:
+                    _check_token_ids(prefix, shard.manifest, vocab_size)
             opened.append((source, prefixes, shards))
             self.sources.append(SourceSummary(source.name, len(shards), sum(len(s) for s in shards), source.fraction))
         self.samples_per_epoch = sum(s.samples for s in self.sources)
@@ -91,8 +102,8 @@ class StageData:
         self.seq_length = data.seq_length_tokens
         size = self.train_steps * global_batch_size
         datasets, weights = [], []
-        for (source, prefixes, shards), summary in zip(opened, self.sources):
-            for prefix, shard in zip(prefixes, shards):
+        for (source, prefixes, shards), summary in zip(opened, self.sources, strict=True):
+            for prefix, shard in zip(prefixes, shards, strict=True):
                 datasets.append(PackedShardDataset(shard, prefix, len(datasets), size, config))
                 weights.append(source.fraction * len(shard) / summary.samples)
         self.blend = BlendedDataset(datasets, weights, size, config)
@@ -141,3 +152,37 @@ def _check_compatible(prefix: str, manifest: dict, seq_length: int, patch_size: 
         raise ShardError(
             f"{prefix}: patches of size {manifest.get('patch_size')}, the model uses patch_size={patch_size}"
         )
+
+
+def _check_finished(name: str, folder: str, allowed: bool) -> None:
+    """A killed solo-preprocess leaves complete shards and a manifest.json saying `complete: false`:
+    training on them would silently drop the rest of the source from the blend."""
+    if not (Path(folder) / "manifest.json").is_file():
+        return  # shards written by other tools (tests) carry no folder manifest
+    manifest = read_folder_manifest(folder)
+    if manifest.get("complete", True) is False and not allowed:
+        raise ShardError(
+            f"data source {name!r}: {folder} is unfinished ({manifest.get('shards_complete')} of "
+            f"{manifest.get('shards_planned')} shards complete; was solo-preprocess stopped?). Rerun solo-preprocess "
+            f"to finish it, or set data.allow_incomplete=true to train on the complete shards")
+
+
+def token_id_range(prefix: str, manifest: dict) -> tuple[int, int] | None:
+    """(min, max) token id of a shard: recorded by solo-preprocess, else read from its tokens."""
+    recorded = manifest.get("token_id_range")
+    if isinstance(recorded, list) and len(recorded) == 2:
+        return int(recorded[0]), int(recorded[1])
+    path = Path(f"{prefix}.tokens.bin")
+    if path.stat().st_size == 0:
+        return None
+    tokens = np.memmap(path, dtype=PARTS["tokens"], mode="r")
+    block = 1 << 26  # 256 MB of int32 at a time: bounded memory for any shard size
+    bounds = [(int(c.min()), int(c.max())) for c in (tokens[i:i + block] for i in range(0, len(tokens), block))]
+    return min(low for low, _ in bounds), max(high for _, high in bounds)
+
+
+def _check_token_ids(prefix: str, manifest: dict, vocab_size: int) -> None:
+    ids = token_id_range(prefix, manifest)
+    if ids is not None and (ids[0] < 0 or ids[1] >= vocab_size):
+        raise ShardError(f"{prefix}: token ids up to {ids[1]} (lowest {ids[0]}), the model has "
+                         f"model.vocab_size={vocab_size}: ids must lie in [0, {vocab_size})")

@@ -18,8 +18,16 @@ output folder OUT and shard k, prefix = OUT/shard-{k:05d}:
   memory-map: it is opened with megatron-core's file reader instead.
 * `{prefix}.json`             the shard manifest: source and options, `counts` (documents,
   sequences, samples, tokens, text/loss/vision tokens, images, padding, fill), `skipped` records by
-  reason, and the byte size and xxh3-128 checksum (xxhash) of every file above. It is renamed
-  into place last, so a shard is complete exactly when its manifest exists.
+  reason, `token_id_range` ([min, max] of its token ids; null without samples) and `loss_flags`
+  (the flag values present), and the byte size and xxh3-128 checksum (xxhash) of every file above.
+  It is renamed into place last, so a shard is complete exactly when its manifest exists.
+
+Content checks, cheap at every open (checksums, off by default, are what a full read costs): the
+writer refuses ids outside [0, VOCAB_SIZE) and flags other than 0/1; `open_shard` refuses a
+manifest whose `token_id_range` or `loss_flags` leave those bounds; `solo.data.batch.collate` checks
+every batch's ids and flags (one vectorized comparison) and names the shard and sample of a bad
+one, which catches bytes changed after writing. A shard written before the manifest recorded the
+range has its tokens.bin and loss.bin scanned by numpy at open instead (~GB/s; memory-mapped).
 * `OUT/manifest.json`         the folder manifest: totals and the list of complete shards.
 
 Every file is written under a `.tmp-` name (`OUT/.tmp-shard-00003.tokens.bin`, ...), fsynced and
@@ -29,7 +37,8 @@ Reading: `list_shards(folder)` -> the complete, non-empty shard prefixes, sorted
 `open_shard(prefix, verify_checksum=False)` -> `Shard` (a ShardError names the shard and the fault:
 missing or resized files, checksum mismatch, tokens/loss index disagreement, ...); `len(shard)`
 packed samples; `shard.sample(i)` -> `PackedSample` (tokens, loss_mask, document_lengths, patches);
-`shard.manifest`; `read_folder_manifest(folder)`. Writing: `ShardWriter` (used by solo-preprocess),
+`shard.manifest`; `read_shard_manifest(prefix)` (checked, without opening the data);
+`read_folder_manifest(folder)`. Writing: `ShardWriter` (used by solo-preprocess),
 which takes patches as arrays or as `PatchesInFile` (a byte range of a file, copied by the kernel).
 
 megatron-core is imported inside the functions that need it: importing it costs seconds (it pulls
@@ -48,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_patches import local_files
 from solo.fileio import (
     CHECKSUM,
     atomic_write_json,
@@ -61,10 +71,17 @@ from solo.fileio import (
 )
 from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS
 
+# Shards are local files written by kernel copy under temp names: megatron-core's I/O must not go
+# through multi-storage-client (megatron_patches/local_files.py). Applied on import, since
+# solo-preprocess writes shards without ever calling init_distributed.
+local_files.apply()
+
 PARTS = {"tokens": np.int32, "loss": np.uint8, "pixels": np.uint8}
 FORMAT_VERSION = 1
 BOS_ID = 1
 PATCH_ID = SP_VOCAB_SIZE + SPECIAL_TOKENS.index("<vpatch>")
+VOCAB_SIZE = SP_VOCAB_SIZE + len(SPECIAL_TOKENS)  # token ids a shard may hold: 0..VOCAB_SIZE-1
+LOSS_FLAGS = (0, 1)
 
 
 class ShardError(ValueError):
@@ -85,6 +102,7 @@ class PackedSample:
     loss_mask: np.ndarray  # uint8 [n]
     document_lengths: list[int]  # sums to n
     patches: list[np.ndarray | PatchesInFile] = field(default_factory=list)  # uint8 (n_patches, 3P²) per image
+    origin: str = ""  # "<shard prefix> sample <i>" when read from a shard, for errors downstream
 
     @classmethod
     def of_documents(cls, documents) -> PackedSample:
@@ -155,6 +173,8 @@ class ShardWriter:
                          for part, dtype in PARTS.items()}
         self.counts = dict.fromkeys(("samples", "sequences", "tokens", "text_tokens", "loss_tokens",
                                      "vision_tokens", "images"), 0)
+        self.token_id_range: list[int] | None = None
+        self.loss_flags: set[int] = set()
 
     @property
     def samples(self) -> int:
@@ -167,6 +187,10 @@ class ShardWriter:
                              f"{len(loss)} loss flags")
         if self.seq_length is not None and len(tokens) > self.seq_length:
             raise ShardError(f"{where}: {len(tokens)} tokens > seq_length {self.seq_length}")
+        outside = np.flatnonzero((tokens < 0) | (tokens >= VOCAB_SIZE))
+        if outside.size:
+            raise ShardError(f"{where}: token id {tokens[outside[0]]} at position {outside[0]} is outside "
+                             f"[0, {VOCAB_SIZE})")
         bad = np.flatnonzero((loss > 1) | ((loss == 1) & ((tokens >= SP_VOCAB_SIZE) | (tokens == BOS_ID))))
         if bad.size:
             raise ShardError(f"{where}: loss flag {loss[bad[0]]} on token {tokens[bad[0]]} at position "
@@ -211,6 +235,11 @@ class ShardWriter:
         c["loss_tokens"] += int(np.count_nonzero(loss))
         c["vision_tokens"] += int(np.count_nonzero(tokens == PATCH_ID))
         c["images"] += len(patches)
+        if len(tokens):
+            low, high = int(tokens.min()), int(tokens.max())
+            self.token_id_range = [min(low, self.token_id_range[0]), max(high, self.token_id_range[1])] \
+                if self.token_id_range else [low, high]
+            self.loss_flags.update(int(v) for v in np.unique(loss))
 
     def finish(self, manifest: dict) -> dict:
         """Finalize the .idx files, rename everything into place, the manifest last."""
@@ -220,7 +249,8 @@ class ShardWriter:
                 builder.finalize(f"{self.tmp[part]}.idx")
                 for ext in ("bin", "idx"):
                     tmp = Path(f"{self.tmp[part]}.{ext}")
-                    files[f"{self.prefix.name}.{part}.{ext}"] = {"bytes": tmp.stat().st_size, CHECKSUM: checksum_file(tmp)}
+                    files[f"{self.prefix.name}.{part}.{ext}"] = {"bytes": tmp.stat().st_size,
+                                                             CHECKSUM: checksum_file(tmp)}
             for part in PARTS:
                 for ext in ("bin", "idx"):
                     replace_durably(f"{self.tmp[part]}.{ext}", f"{self.prefix}.{part}.{ext}")
@@ -231,7 +261,8 @@ class ShardWriter:
                 counts["padding_tokens"] = capacity - counts["tokens"]
                 counts["fill"] = round(counts["tokens"] / capacity, 6) if capacity else 0.0
             manifest = {**manifest, "format_version": FORMAT_VERSION, "samples": self.samples,
-                        "counts": counts, "files": files}
+                        "counts": counts, "token_id_range": self.token_id_range,
+                        "loss_flags": sorted(self.loss_flags), "files": files}
             atomic_write_json(f"{self.prefix}.json", manifest)
         return manifest
 
@@ -270,10 +301,13 @@ class Shard:
         # Copied out: megatron-core closes its memory map when the IndexedDataset is collected, and
         # a view that outlived it would crash the process on access.
         patches = [np.array(p).reshape(-1, self.patch_dim) for p in self.parts["pixels"][p0:p1]] if p1 > p0 else []
-        return PackedSample(tokens=tokens, loss_mask=loss, document_lengths=lengths, patches=patches)
+        return PackedSample(tokens=tokens, loss_mask=loss, document_lengths=lengths, patches=patches,
+                            origin=f"{self.prefix} sample {i}")
 
 
-def _read_manifest(prefix: Path) -> dict:
+def read_shard_manifest(prefix: str | Path) -> dict:
+    """The manifest of shard `prefix`, checked to be one (an object with a 'files' table, of this
+    format version); anything else (`[]`, a number, unreadable JSON) is a ShardError naming the file."""
     path = Path(f"{prefix}.json")
     if not path.is_file():
         raise ShardError(f"{prefix}: no manifest {path.name} (shard missing or incomplete)")
@@ -283,6 +317,8 @@ def _read_manifest(prefix: Path) -> dict:
         raise ShardError(f"{path}: unreadable manifest: {e}") from e
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ShardError(f"{path}: not a shard manifest (no 'files' table)")
+    if bad := [k for k in ("counts", "skipped") if not isinstance(manifest.get(k, {}), dict)]:
+        raise ShardError(f"{path}: not a shard manifest ({', '.join(bad)} must be an object)")
     if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise ShardError(f"{path}: shard format version {manifest.get('format_version')}, this reader "
                          f"reads version {FORMAT_VERSION}")
@@ -294,7 +330,7 @@ def open_shard(prefix: str | Path, verify_checksum: bool = False) -> Shard:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = Path(prefix)
-    manifest = _read_manifest(prefix)
+    manifest = read_shard_manifest(prefix)
     expected = {f"{prefix.name}.{part}.{ext}" for part in PARTS for ext in ("bin", "idx")}
     if missing := sorted(expected - set(manifest["files"])):
         raise ShardError(f"{prefix}: the manifest lists no {', '.join(missing)}")
@@ -339,7 +375,31 @@ def open_shard(prefix: str | Path, verify_checksum: bool = False) -> Shard:
     if len(pixels.document_indices) - 1 != samples or manifest.get("samples") != samples:
         raise ShardError(f"{prefix}: {samples} packed samples in tokens, {len(pixels.document_indices) - 1} "
                          f"in pixels, {manifest.get('samples')} in the manifest")
+    _check_content(prefix, manifest)
     return Shard(prefix, manifest, parts)
+
+
+def _check_content(prefix: Path, manifest: dict) -> None:
+    """Token ids in [0, VOCAB_SIZE), loss flags 0/1: from the manifest, or (a shard written before it
+    recorded them) from a scan of tokens.bin and loss.bin."""
+    if "token_id_range" not in manifest:
+        ids, flags = (np.memmap(f"{prefix}.{part}.bin", PARTS[part], mode="r")
+                      if os.path.getsize(f"{prefix}.{part}.bin") else np.zeros(0, PARTS[part])
+                      for part in ("tokens", "loss"))
+        id_range = [int(ids.min()), int(ids.max())] if len(ids) else None
+        if id_range is not None and not (0 <= id_range[0] and id_range[1] < VOCAB_SIZE):
+            raise ShardError(f"{prefix}: token ids {id_range} outside [0, {VOCAB_SIZE}) in tokens.bin (corrupt .bin)")
+        if len(flags) and int(flags.max()) > 1:
+            raise ShardError(f"{prefix}: loss flag {int(flags.max())} in loss.bin, flags are 0 or 1 (corrupt .bin)")
+        return
+    id_range, flags = manifest["token_id_range"], manifest.get("loss_flags", [])
+    if id_range is not None and not (isinstance(id_range, list) and len(id_range) == 2
+                                     and all(type(v) is int for v in id_range)):
+        raise ShardError(f"{prefix}: token_id_range must be [min, max] or null, got {id_range!r}")
+    if id_range is not None and not (0 <= id_range[0] <= id_range[1] < VOCAB_SIZE):
+        raise ShardError(f"{prefix}: token ids {id_range} outside [0, {VOCAB_SIZE}) (per its manifest)")
+    if not isinstance(flags, list) or not set(flags) <= set(LOSS_FLAGS):
+        raise ShardError(f"{prefix}: loss flags {flags!r} in its manifest, flags are 0 or 1")
 
 
 def list_shards(folder: str | Path, include_empty: bool = False) -> list[str]:

@@ -1,11 +1,14 @@
 """`solo-preprocess`: public datasets in their native formats -> packed SOLO shards.
 
     solo-preprocess imagenet --input train/ --synsets LOC_synset_mapping.txt --output shards/imagenet
-    solo-preprocess imagenet --input 21k/ --synsets wnids.txt --lemmas lemmas.txt --output ...
-    solo-preprocess captions --input 'cc3m/*.tar' --output shards/cc3m
+    solo-preprocess imagenet --input winter21_whole/ --synsets wnids.txt --lemmas lemmas.txt --output ...
+    solo-preprocess imagenet --input imagenet21k_resized/ --synsets imagenet21k_miil_tree.pth --output ...
+    solo-preprocess captions --input 'cc3m/*' --output shards/cc3m          (an img2dataset folder)
+    solo-preprocess captions --input energon_ds/ --split val --output shards/val
     solo-preprocess html     --input 'websight/*.parquet' --output shards/websight
     solo-preprocess sft      --input llava.json --images llava/images --output shards/llava
-    solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama
+    solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama \
+                             --exclude-subsets RedPajamaCommonCrawl,RedPajamaC4
     solo-preprocess stats shards/cc3m [--per-shard]
 
 argparse lives here only. Arguments and inputs are checked before any work: a wrong one exits
@@ -24,22 +27,42 @@ import os
 import sys
 from pathlib import Path
 
-from solo.preprocess.formats import STREAM_SUFFIXES, InputError, stream_format
+from solo.preprocess.formats import STREAM_SUFFIXES, TAR_SUFFIXES, InputError, parse_fields, stream_format
 
 # Records per shard: enough tokens per shard that the last, partly filled sample costs < 1% at
 # seq_length 32768 (e.g. 8192 ImageNet images of ~300 tokens = 75 samples), few enough that a
 # shard's raw patches (3 KiB per vision token) stay a few GB.
 DEFAULT_SHARD_SIZE = {"imagenet": 8192, "captions": 16384, "html": 4096, "sft": 8192, "text": 16384}
 SCHEMAS = {
+    "imagenet": "--input: nXXXXXXXX/ folders of images and/or nXXXXXXXX.tar per-synset tars (the members of\n"
+                "winter21_whole.tar.gz: unpack that once, the per-synset tars are read in place), mixed freely;\n"
+                "or ImageNet-21K-P's root holding imagenet21k_train/ and imagenet21k_val/ (--split).\n"
+                "--synsets: LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca'), wnids.txt + --lemmas\n"
+                "lemmas.txt, or ImageNet-21K-P's imagenet21k_miil_tree.pth (read without running pickle code).\n"
+                "The document's text is the synset's first lemma, '_' as a space.",
     "captions": "JSONL lines: {\"image\": path relative to the file | \"image_base64\": ...,\n"
                 "\"caption\" (or txt/text)}.\n"
-                "Parquet: an image column (image as {bytes, path} | jpg | png | ...) and caption/txt/text.",
+                "Parquet: an image column (image as {bytes, path} | jpg | png | ...) and caption/txt/text.\n"
+                "Webdataset .tar / .tar.gz: KEY.jpg with KEY.txt, KEY.json {\"caption\"}, KEY.json holding a\n"
+                "LLaVA-Pretrain conversation (the gpt turn is the caption), or KEY.cls + KEY.json {\"class_name\"}\n"
+                "(timm); any other layout with --fields image=jpg,text=json:caption.\n"
+                "JSON (a list): LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, the gpt turn as the caption (the\n"
+                "instruction and <image> dropped), image paths relative to the file; JSONL lines alike.\n"
+                "img2dataset output folders as they are ('dir/*' or dir): the metadata .parquet and\n"
+                "*_stats.json beside each tar are not records (their counts go to the manifest).\n"
+                "energon folders (.nv-meta/): the tars of --split, read with dataset.yaml's field_map.",
     "html": "JSONL lines: {\"image\": path | \"image_base64\": ..., \"html\" (or text)}.\n"
             "Parquet (e.g. WebSight): an image column and html/text. HTML too long for --seq-length is cut.",
+    "sft": "JSON (a list) or JSON Lines (one a line) of LLaVA records {\"id\", \"image\": path | [paths],\n"
+           "\"conversations\": [{\"from\": human|gpt|system, \"value\"}, ...]}, paths relative to --images.\n"
+           "Webdataset tars/folders: KEY.jpg + KEY.json holding the conversation (Megatron-LM's\n"
+           "convert_llava_pretrain_to_wds.py), or an energon VQA folder (context, answers).",
     "text": "JSONL lines / Parquet rows with a \"text\" field (SlimPajama). Documents longer than\n"
             "--seq-length are cut into pieces of at most --seq-length tokens.",
 }
-STREAM_KINDS = {"captions": STREAM_SUFFIXES, "html": STREAM_SUFFIXES, "text": (".jsonl", ".jsonl.zst", ".parquet")}
+STREAM_KINDS = {"captions": STREAM_SUFFIXES, "html": tuple(s for s in STREAM_SUFFIXES if s != ".json"),
+                "text": (".jsonl", ".jsonl.zst", ".parquet"),
+                "sft": TAR_SUFFIXES}
 
 
 def usable_cpus() -> int:
@@ -50,27 +73,49 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def _int_at_least(least: int):
+    """An argparse type: an int >= `least`; anything else is a usage error (exit 2) before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if least == 1 else f'>= {least}'}, got {value}")
+        return value
+    parse.__name__ = "positive integer" if least == 1 else f"integer >= {least}"
+    return parse
+
+
+positive, non_negative = _int_at_least(1), _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output", required=True, help="folder of shards (created; a rerun resumes it)")
     common.add_argument("--tokenizer", default=None,
                         help="sentencepiece model file (default: Mistral-7B-v0.1's, from mistral-common)")
-    common.add_argument("--seq-length", type=int, default=32768, help="tokens per packed sample")
-    common.add_argument("--patch-size", type=int, default=32)
-    common.add_argument("--max-side", type=int, default=1024, help="longest image side after resizing")
-    common.add_argument("--workers", type=int, default=usable_cpus(),
+    common.add_argument("--seq-length", type=positive, default=32768, help="tokens per packed sample")
+    common.add_argument("--patch-size", type=positive, default=32)
+    common.add_argument("--max-side", type=positive, default=1024, help="longest image side after resizing")
+    common.add_argument("--workers", type=positive, default=usable_cpus(),
                         help="processes (default: the CPUs this process may run on)")
-    common.add_argument("--shard-size", type=int, default=None,
+    common.add_argument("--shard-size", type=positive, default=None,
                         help="records per shard (default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_SHARD_SIZE.items()) + ")")
-    common.add_argument("--seed", type=int, default=0, help="record and document order")
+    common.add_argument("--seed", type=non_negative, default=0, help="record and document order (>= 0)")
 
     parser = argparse.ArgumentParser(prog="solo-preprocess", description=__doc__.split("\n\nargparse")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("imagenet", parents=[common], help="ImageNet(-21K) nXXXXXXXX/*.JPEG folders")
-    p.add_argument("--input", required=True, help="folder of synset folders")
-    p.add_argument("--synsets", required=True, help="LOC_synset_mapping.txt, or wnids.txt with --lemmas")
+    p = sub.add_parser("imagenet", parents=[common], help="ImageNet(-21K) synset folders or per-synset tars",
+                       description=SCHEMAS["imagenet"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder of nXXXXXXXX/ folders and/or nXXXXXXXX.tar files, "
+                   "or ImageNet-21K-P's root (imagenet21k_train/, imagenet21k_val/)")
+    p.add_argument("--split", default="train", choices=("train", "val"),
+                   help="ImageNet-21K-P's imagenet21k_<split> folder (default train)")
+    p.add_argument("--synsets", required=True,
+                   help="LOC_synset_mapping.txt, wnids.txt with --lemmas, or imagenet21k_miil_tree.pth")
     p.add_argument("--lemmas", default=None, help="lemma lines matching --synsets line by line (ImageNet-21K)")
     for kind, what in (("captions", "image-caption pairs: webdataset .tar (KEY.jpg + KEY.txt/.json), JSONL, Parquet"),
                        ("html", "(image, HTML) pairs: webdataset .tar (KEY.png + KEY.html), JSONL, Parquet"),
@@ -79,31 +124,95 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--input", required=True, nargs="+", metavar="PATTERN",
                        help="files, folders or glob patterns (quote them; ** recurses)")
-    p = sub.add_parser("sft", parents=[common], help="LLaVA-style conversation JSON")
-    p.add_argument("--input", required=True, help="JSON list of {id, image, conversations}")
-    p.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
+        _stream_options(p, kind)
+        if kind == "text":
+            _add_subset_options(p)
+    p = sub.add_parser("sft", parents=[common], help="LLaVA-style conversations: JSON, JSON Lines, webdataset",
+                       description=SCHEMAS["sft"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, nargs="+", metavar="PATTERN",
+                   help="one .json / .jsonl file of {id, image, conversations}, or webdataset tars / folders")
+    p.add_argument("--images", default=None,
+                   help="folder the 'image' paths are relative to (default: the JSON file's folder)")
+    _stream_options(p, "sft")
+    p.add_argument("--image-position", choices=("first", "as-is"), default="first",
+                   help="a record's one <image>: moved to the front of its turn as LLaVA's training does and the "
+                   "SOLO processor places it (first, the default), or kept where the data put it (as-is); "
+                   "records with several images always keep theirs")
     p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
     return parser
 
 
-def _expand(patterns: list[str], suffixes: tuple[str, ...]) -> list[str]:
-    files = []
+def _add_subset_options(p) -> None:
+    p.add_argument("--exclude-subsets", default="", metavar="NAME[,NAME]",
+                   help="drop records whose meta.redpajama_set_name is one of these (the SOLO authors: "
+                   "RedPajamaCommonCrawl,RedPajamaC4); records without one are kept")
+    p.add_argument("--include-subsets", default="", metavar="NAME[,NAME]",
+                   help="keep only records whose meta.redpajama_set_name is one of these; records "
+                   "without one are dropped. Dropped records count as skipped: excluded_subset")
+
+
+def _subset_filter(args):
+    from solo.preprocess.sources import SubsetFilter
+
+    include, exclude = (tuple(n.strip() for n in getattr(args, key, "").split(",") if n.strip())
+                        for key in ("include_subsets", "exclude_subsets"))
+    if set(include) & set(exclude):
+        raise InputError(f"--include-subsets and --exclude-subsets both name {sorted(set(include) & set(exclude))}")
+    return SubsetFilter(include, exclude) if include or exclude else None
+
+
+def _stream_options(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--split", default="train",
+                   help="the split of an energon folder's .nv-meta/split.yaml (train, val, test; default train)")
+    if kind != "text":
+        roles = {"captions": "image, text", "html": "image, text", "sft": "image, conversation | context, answers"}
+        p.add_argument("--fields", default=None, metavar="ROLE=EXT[:KEY],...",
+                       help=f"webdataset members by role ({roles[kind]}), e.g. image=jpg,text=json:caption; "
+                       "alternatives with '|' (default: the common layouts are recognized)")
+
+
+def _expand(patterns: list[str], suffixes: tuple[str, ...], split: str = "train") -> tuple[list[str], list[str]]:
+    """(input files, img2dataset stats files) of the patterns: files, folders (an energon folder:
+    its --split), globs. img2dataset's metadata Parquet and `*_stats.json` are set aside."""
+    from solo.preprocess.sources import energon_split, is_energon, is_img2dataset_sidecar
+
+    files, stats = [], []
     for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = [os.path.join(pattern, n) for n in os.listdir(pattern) if stream_format(n) in suffixes]
-            if not found:
+        if os.path.isdir(pattern) and is_energon(pattern):
+            found = energon_split(pattern, split)
+        elif os.path.isdir(pattern):
+            # A folder's .json files are sidecars (img2dataset stats, timm's _info.json); a JSON list
+            # of records is named on its own.
+            found = [os.path.join(pattern, n) for n in os.listdir(pattern)
+                     if (stream_format(n) in suffixes and stream_format(n) != ".json") or n.endswith("_stats.json")]
+            if not any(stream_format(f) in suffixes and not is_img2dataset_sidecar(f) for f in found):
                 raise InputError(f"--input {pattern}: folder holds no {', '.join(suffixes)} files")
         else:
             found = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
             if not found:
                 raise InputError(f"--input {pattern}: no files match")
         for f in found:
-            if stream_format(f) not in suffixes:
+            if is_img2dataset_sidecar(f):
+                stats.extend([f] if f.endswith("_stats.json") else [])
+            elif stream_format(f) not in suffixes:
                 raise InputError(f"--input {f}: unsupported file type (expected {', '.join(suffixes)})")
-        files.extend(found)
-    return sorted(set(files))
+            else:
+                files.append(f)
+    return sorted(set(files)), sorted(set(stats))
+
+
+def _fields(args):
+    """--fields, else the field map of the energon folders among the inputs, else None (detected)."""
+    from solo.preprocess.sources import energon_fields, is_energon
+
+    if getattr(args, "fields", None):
+        return parse_fields(args.command, args.fields)
+    maps = [energon_fields(p, args.command) for p in args.input if os.path.isdir(p) and is_energon(p)]
+    if any(m != maps[0] for m in maps):
+        raise InputError("--input: energon folders with different field maps; preprocess them one at a time")
+    return maps[0] if maps else None
 
 
 def _require(path: str | None, what: str, folder: bool = False) -> None:
@@ -118,23 +227,39 @@ def build_source(args):
         _require(args.input, "--input", folder=True)
         _require(args.synsets, "--synsets")
         _require(args.lemmas, "--lemmas")
-        source = sources.ImageNetSource(args.input, sources.load_synsets(args.synsets, args.lemmas),
+        root = sources.imagenet_root(args.input, args.split)
+        source = sources.ImageNetSource(root, sources.load_synsets(args.synsets, args.lemmas),
                                         args.synsets, args.lemmas)
         if not source.items():
-            raise InputError(f"--input {args.input}: no images in its synset folders ({args.input}/nXXXXXXXX/*.JPEG)")
+            raise InputError(f"--input {args.input}: no images (expected nXXXXXXXX/*.JPEG folders, nXXXXXXXX.tar "
+                             "per-synset tars as winter21_whole.tar.gz holds them, or ImageNet-21K-P's "
+                             "imagenet21k_train/ and imagenet21k_val/)")
         return source
-    if args.command == "sft":
-        _require(args.input, "--input")
-        _require(args.images, "--images", folder=True)
-        return sources.ConversationSource(args.input, args.images, sources.load_conversations(args.input))
-    return sources.StreamSource(args.command, args.input, _expand(args.input, STREAM_KINDS[args.command]))
+    if args.command == "sft" and _conversation_file(args.input):
+        [path] = args.input
+        images = args.images or os.path.dirname(os.path.abspath(path))
+        _require(path, "--input")
+        _require(images, "--images", folder=True)
+        return sources.ConversationSource(path, images, sources.load_conversations(path))
+    files, stats = _expand(args.input, STREAM_KINDS[args.command], args.split)
+    if not files:
+        raise InputError(f"--input {' '.join(args.input)}: no input files")
+    upstream = sources.img2dataset_totals(stats)
+    if upstream:
+        logging.getLogger("solo.preprocess").info(
+            "img2dataset: %(successes)d of %(count)d URLs downloaded (failed to download %(failed_to_download)d, "
+            "to resize %(failed_to_resize)d); the failures never reached the tars", upstream)
+    return sources.StreamSource(args.command, args.input, files, _fields(args), upstream, _subset_filter(args))
+
+
+def _conversation_file(inputs: list[str]) -> bool:
+    """sft's --input is one JSON / JSON Lines file, unless it names webdataset tars or folders."""
+    return len(inputs) == 1 and not (os.path.isdir(inputs[0]) or glob.has_magic(inputs[0])
+                                     or stream_format(inputs[0]) in TAR_SUFFIXES)
 
 
 def _check_options(args) -> None:
-    for name in ("seq_length", "patch_size", "max_side", "workers", "shard_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    # Each value alone is checked by its argparse type; here what depends on several, or on files.
     if args.max_side % args.patch_size:
         raise InputError(f"--max-side {args.max_side} is not a multiple of --patch-size {args.patch_size}")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -151,21 +276,28 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "stats":
-            from solo.preprocess.stats import render
+            from solo.preprocess.stats import report
 
-            print(render(args.folder, per_shard=args.per_shard))
+            text, documents = report(args.folder, per_shard=args.per_shard)
+            print(text)
+            if documents == 0:
+                raise ShardError(f"{args.folder}: its shards hold no documents (every record was skipped)")
             return 0
         _check_options(args)
         source = build_source(args)
         from solo.preprocess.documents import Layout
-        from solo.preprocess.pipeline import Options, run
+        from solo.preprocess.pipeline import Options, run, skip_summary
         from solo.tokenizer import SOLOTokenizer
 
         tokenizer = SOLOTokenizer(args.tokenizer) if args.tokenizer else SOLOTokenizer.default()
         options = Options(args.seq_length, args.patch_size, args.max_side, args.seed,
                           args.shard_size or DEFAULT_SHARD_SIZE[args.command])
-        layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side)
-        run(source, layout, options, Path(args.output), args.workers)
+        layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side,
+                        image_first=getattr(args, "image_position", "first") == "first")
+        manifest = run(source, layout, options, Path(args.output), args.workers)
+        if manifest["totals"]["documents"] == 0:
+            raise UsageError(f"--output {args.output}: no documents from {manifest['totals']['records']:,} records "
+                             f"({skip_summary(manifest['skipped'])})")
     except (InputError, UsageError, ShardError) as e:
         print(f"solo-preprocess: error: {e}{_disk_full(getattr(e, 'errno', None))}", file=sys.stderr)
         return 2

@@ -42,6 +42,10 @@ from solo.tokenizer import SOLOTokenizer
 from solo.vision import ImageLoadError, image_token_ids, load_image, patchify, resize_for_patches, target_size
 
 MAX_ASPECT_RATIO = 20  # panoramas and banners up to 20:1 pass; thinner strips are not pictures
+# Letterboxing (img2dataset's default resize_mode=border pads every image to a square): both
+# opposite borders, PAD_BORDER_SHARE of the side deep (at least 2 pixels), one colour within
+# PAD_TOLERANCE levels (JPEG noise).
+PAD_BORDER_SHARE, PAD_TOLERANCE = 0.02, 6
 IMAGE_MARKER = "<image>"
 
 
@@ -57,6 +61,7 @@ class Document:
     loss: np.ndarray  # uint8 [n]
     patches: list[np.ndarray]  # uint8 (n_patches, 3P²) per image, in order
     truncated: bool = False
+    dropped: str | None = None  # the reason a part of the record was left out (counted per shard)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ class Layout:
     seq_length: int
     patch_size: int
     max_side: int
+    # sft: a record's one <image> moved to the front of its turn, as LLaVA's preprocess_multimodal
+    # does and the SOLO processor places it at inference; records with several images keep theirs.
+    image_first: bool = True
 
 
 def build(kind: str, record: Record, layout: Layout) -> list[Document]:
@@ -105,7 +113,7 @@ class _Tokens:
 def _image(source, key: str, layout: Layout) -> tuple[list[int], np.ndarray]:
     """(image token ids, patches); the size rules are checked before resizing."""
     try:
-        image = load_image(source, name=key)
+        image = load_image(source, name=key, fit=(layout.patch_size, layout.max_side))
     except ImageLoadError as e:
         raise Skip(e.reason, e.detail) from None
     w, h = image.size
@@ -164,39 +172,33 @@ def _text(record: Record, layout: Layout) -> list[Document]:
 
 
 def _sft(record: Record, layout: Layout) -> Document:
+    """A conversation with its images where their <image> markers stand (interleaved), as many as
+    the record has; markers missing altogether put the images at the start of the first user turn."""
     tok = layout.tokenizer
     turns = record.conversations or []
     if not all(isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) for t in turns):
         raise Skip("bad_conversation", f"turns must be {{'from': one of {sorted(ROLES)}, 'value': str}}")
-    values = [t["value"] for t in turns]
-    users = [i for i, t in enumerate(turns) if ROLES[t["from"]] == "user"]
-    markers = sum(values[i].count(IMAGE_MARKER) for i in users)
-    if record.image is not None:
-        if markers > 1:
-            raise Skip("bad_conversation", f"{markers} {IMAGE_MARKER} markers for one image")
-        if markers == 0:
-            if not users:
-                raise Skip("bad_conversation", "an image but no user turn to put it in")
-            values[users[0]] = f"{IMAGE_MARKER}\n{values[users[0]]}"  # LLaVA's default placement
-    elif markers:
-        raise Skip("bad_conversation", f"{IMAGE_MARKER} marker but the record has no image")
-    if not any(ROLES[t["from"]] == "assistant" and v for t, v in zip(turns, values)):
+    turns, dropped = _drop_leading_answers(turns)
+    images = record.image if isinstance(record.image, list) else [] if record.image is None else [record.image]
+    values = _place_images([t["value"] for t in turns], [ROLES[t["from"]] for t in turns], len(images),
+                           layout.image_first)
+    if not any(ROLES[t["from"]] == "assistant" and v for t, v in zip(turns, values, strict=True)):
         raise Skip("bad_conversation", "no assistant answer to learn")
     patches = []
     t = _Tokens()
     t.add([tok.bos_id])
     newline = tok.encode("\n")
-    for turn, value in zip(turns, values):
+    for turn, value in zip(turns, values, strict=True):
         role = ROLES[turn["from"]]
         t.add([tok.im_start_id])
         if role == "assistant":
             t.add(tok.encode("assistant\n"))
             t.add(tok.encode(value, prefix_space=False), loss=True)
         else:
-            before, marker, after = value.partition(IMAGE_MARKER) if role == "user" else (value, "", "")
-            t.add(tok.encode(f"{role}\n{before}"))
-            if marker:
-                image_ids, image_patches = _image(record.image, record.key, layout)
+            first, *rest = value.split(IMAGE_MARKER) if role == "user" else [value]
+            t.add(tok.encode(f"{role}\n{first}"))
+            for after in rest:  # an image, then the text up to the next one
+                image_ids, image_patches = _image(images[len(patches)], record.key, layout)
                 t.add(image_ids)
                 patches.append(image_patches)
                 if after:
@@ -204,4 +206,63 @@ def _sft(record: Record, layout: Layout) -> Document:
         t.add([tok.im_end_id])
         t.add(newline)
     t.add([tok.eos_id], loss=True)
-    return _check_length(t.document(patches), layout)
+    doc = _check_length(t.document(patches), layout)
+    doc.dropped = dropped
+    return doc
+
+
+def _drop_leading_answers(turns: list[dict]) -> tuple[list[dict], str | None]:
+    """Assistant turns before the first user turn answer nothing (cut conversations, ShareGPT
+    exports): dropped, and counted as `leading_assistant_turn`."""
+    first_user = next((i for i, t in enumerate(turns) if ROLES[t["from"]] == "user"), len(turns))
+    kept = [t for i, t in enumerate(turns) if i >= first_user or ROLES[t["from"]] != "assistant"]
+    return kept, ("leading_assistant_turn" if len(kept) < len(turns) else None)
+
+
+def _place_images(values: list[str], roles: list[str], n_images: int, image_first: bool) -> list[str]:
+    users = [i for i, r in enumerate(roles) if r == "user"]
+    markers = sum(values[i].count(IMAGE_MARKER) for i in users)
+    values = list(values)
+    if markers == 0 and n_images:
+        if not users:
+            raise Skip("bad_conversation", "an image but no user turn to put it in")
+        values[users[0]] = f"{IMAGE_MARKER}\n" * n_images + values[users[0]]  # LLaVA's default placement
+    elif markers != n_images:
+        raise Skip("bad_conversation", f"{markers} {IMAGE_MARKER} markers for {n_images} images")
+    elif n_images == 1 and image_first:
+        i = next(i for i in users if IMAGE_MARKER in values[i])
+        values[i] = f"{IMAGE_MARKER}\n" + values[i].replace(IMAGE_MARKER, "").strip()  # as LLaVA's preprocess
+    return values
+
+
+# -- letterboxed / padded images ---------------------------------------------------------------
+
+def padded_images(doc: Document, tokenizer: SOLOTokenizer, patch_size: int) -> int:
+    """How many of the document's images are letterboxed or padded (see `letterboxed`)."""
+    tokens = doc.tokens
+    starts = np.flatnonzero(tokens == tokenizer.vision_start_id)
+    count = 0
+    for patches, start in zip(doc.patches, starts, strict=False):
+        row = tokens[start + 1:start + 2 + len(patches)]
+        cols = int(np.argmax((row == tokenizer.row_sep_id) | (row == tokenizer.vision_end_id)))
+        count += letterboxed(patches, cols, patch_size)
+    return count
+
+
+def letterboxed(patches: np.ndarray, cols: int, patch_size: int) -> bool:
+    """Whether the image of these patches (row-major grid, `cols` wide) has uniform bands of one
+    colour on two opposite sides: top and bottom, or left and right. Only the border pixels are read."""
+    P = patch_size
+    grid = patches.reshape(-1, cols, 3, P, P)  # (rows, cols, channel, y, x)
+    rows = grid.shape[0]
+    depth_y = min(P, max(2, round(PAD_BORDER_SHARE * rows * P)))
+    depth_x = min(P, max(2, round(PAD_BORDER_SHARE * cols * P)))
+    top, bottom = grid[0, :, :, :depth_y, :], grid[-1, :, :, P - depth_y:, :]
+    left, right = grid[:, 0, :, :, :depth_x], grid[:, -1, :, :, P - depth_x:]
+    return (_same_colour(top, bottom) and rows > 1) or (_same_colour(left, right) and cols > 1)
+
+
+def _same_colour(a: np.ndarray, b: np.ndarray) -> bool:
+    # channel is axis 1 of both bands
+    both = np.concatenate([a.transpose(1, 0, 2, 3).reshape(3, -1), b.transpose(1, 0, 2, 3).reshape(3, -1)], axis=1)
+    return bool((both.max(axis=1).astype(int) - both.min(axis=1) <= 2 * PAD_TOLERANCE).all())

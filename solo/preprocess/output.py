@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from solo.data.shards import FORMAT_VERSION
+from solo.data.shards import FORMAT_VERSION, ShardError, read_shard_manifest
 from solo.fileio import TEMP_PREFIX, atomic_write_json, fsync_dir
 from solo.preprocess import __version__
 
@@ -45,6 +45,8 @@ def spec_of(source, layout, options) -> tuple[dict, str]:
         tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
     spec = {"tool_version": __version__, "format_version": FORMAT_VERSION, "source": source.spec(),
             "tokenizer_sha256": tokenizer_sha, **asdict(options)}
+    if source.kind == "sft":
+        spec["image_first"] = layout.image_first
     return spec, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -52,9 +54,11 @@ def complete_shards(out: Path, spec_sha: str) -> dict[int, dict]:
     done = {}
     for path in sorted(out.glob("shard-*.json")):
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{path}: unreadable shard manifest ({e}); delete the shard's files to redo it") from e
+            manifest = read_shard_manifest(path.with_suffix(""))
+            if not isinstance(manifest.get("shard"), int) or isinstance(manifest["shard"], bool):
+                raise ShardError(f"{path}: not a shard manifest of solo-preprocess (no shard number)")
+        except ShardError as e:
+            raise UsageError(f"{e}; delete the shard's files to redo it") from e
         if manifest.get("spec_sha256") != spec_sha:
             raise UsageError(f"{out} holds shards made from other inputs or options ({path.name}); "
                              "use a new --output folder or delete this one")
@@ -64,17 +68,23 @@ def complete_shards(out: Path, spec_sha: str) -> dict[int, dict]:
 
 def folder_manifest(out: Path, spec: dict, spec_sha: str, planned: int, done: dict[int, dict]) -> dict:
     keys = ("records", "documents", "sequences", "samples", "tokens", "text_tokens", "loss_tokens",
-            "vision_tokens", "images", "padding_tokens", "truncated")
+            "vision_tokens", "images", "padding_tokens", "truncated", "padded_images")
     totals = {k: sum(m["counts"].get(k, 0) for m in done.values()) for k in keys}
     capacity = totals["samples"] * spec["seq_length"]
     totals["fill"] = round(totals["tokens"] / capacity, 6) if capacity else 0.0
     skipped: Counter = Counter()
+    subsets: dict[str, Counter] = {}
+    dropped: Counter = Counter()
     for m in done.values():
         skipped.update(m.get("skipped", {}))
+        dropped.update(m.get("dropped", {}))
+        for name, tally in m.get("subsets", {}).items():
+            subsets.setdefault(name, Counter()).update(tally)
     manifest = {
         "tool": "solo-preprocess", "format_version": FORMAT_VERSION, "spec": spec, "spec_sha256": spec_sha,
         "shards_planned": planned, "shards_complete": len(done), "complete": len(done) == planned,
-        "totals": totals, "skipped": dict(sorted(skipped.items())),
+        "totals": totals, "skipped": dict(sorted(skipped.items())), "dropped": dict(sorted(dropped.items())),
+        **({"subsets": {k: dict(v) for k, v in sorted(subsets.items())}} if subsets else {}),
         "shards": [{"name": f"shard-{k:05d}", **{c: m["counts"].get(c, 0) for c in ("records", "documents",
                     "samples", "tokens", "vision_tokens", "images", "fill")},
                     "skipped": sum(m.get("skipped", {}).values()),

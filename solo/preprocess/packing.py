@@ -62,8 +62,3 @@ def _first_fit_decreasing(items: list[int], lengths: Sequence[int], capacity: in
         bins[b].append(i)
         free[b] -= lengths[i]
     return [sorted(b) for b in bins]
-
-
-def fill_ratio(bins: list[list[int]], lengths: Sequence[int], capacity: int) -> float:
-    """Real tokens / (bins * capacity)."""
-    return sum(lengths[i] for b in bins for i in b) / (len(bins) * capacity) if bins else 0.0

@@ -32,11 +32,23 @@ import numpy as np
 from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
 from solo.fileio import discard, naming, temp_path
 from solo.preprocess import __version__, output
-from solo.preprocess.documents import Document, Layout, Skip, build
+from solo.preprocess.documents import Document, Layout, Skip, build, padded_images
 from solo.preprocess.packing import pack
 from solo.preprocess.sources import ShardTask
 
 log = logging.getLogger("solo.preprocess")
+# Skip warnings shown per reason in each process: real corpora skip thousands of records for the
+# same reason; the shard manifests count every one and the run ends with the totals by reason.
+SKIP_WARNINGS_PER_REASON = 10
+_skip_warnings: Counter = Counter()
+
+
+def _warn_skip(kind: str, key: str, skip: Skip) -> None:
+    _skip_warnings[skip.reason] += 1
+    n = _skip_warnings[skip.reason]
+    if n <= SKIP_WARNINGS_PER_REASON:
+        more = "; further skips for this reason are counted, not shown" if n == SKIP_WARNINGS_PER_REASON else ""
+        log.warning("skip %s %s: %s: %s%s", kind, key, skip.reason, skip.detail, more)
 
 
 @dataclass(frozen=True)
@@ -88,20 +100,28 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
     try:
         docs: list[tuple[np.ndarray, np.ndarray, list]] = []
         skipped: Counter = Counter()
+        dropped: Counter = Counter()  # parts of kept records left out, by reason
         counts = Counter()
+        subsets: dict[str, Counter] = {}  # SlimPajama's meta.redpajama_set_name: records, excluded
         pending_records = pending_tokens = 0
         last = time.monotonic()
         for record in source.read(task.items):
             counts["records"] += 1
             pending_records += 1
+            if spec_kind == "text":  # per subset ("(none)": no meta), so a filter's effect is visible
+                tally = subsets.setdefault(record.subset or "(none)", Counter(records=0, excluded=0))
+                tally["records"] += 1
+                tally["excluded"] += (record.error or ("",))[0] == "excluded_subset"
             try:
                 pieces: list[Document] = build(spec_kind, record, layout)
             except Skip as s:
                 skipped[s.reason] += 1
-                log.warning("skip %s %s: %s: %s", spec_kind, record.key, s.reason, s.detail)
+                _warn_skip(spec_kind, record.key, s)
                 continue
             counts["documents"] += 1
             counts["truncated"] += any(p.truncated for p in pieces)
+            counts["padded"] += sum(padded_images(p, layout.tokenizer, layout.patch_size) for p in pieces)
+            dropped.update(p.dropped for p in pieces if p.dropped)
             for piece in pieces:
                 docs.append((piece.tokens, piece.loss, [spill.add(p) for p in piece.patches]))
                 pending_tokens += len(piece.tokens)
@@ -127,8 +147,10 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
             "shards_planned": shards_planned, "source": {"kind": spec_kind, "input": source.input, **task.description},
             "spec_sha256": spec_sha, **asdict(options),
             "counts": {"records": counts["records"], "documents": counts["documents"],
-                       "truncated": counts["truncated"]},
+                       "truncated": counts["truncated"], "padded_images": counts["padded"]},
             "skipped": dict(sorted(skipped.items())),
+            "dropped": dict(sorted(dropped.items())),
+            **({"subsets": {k: dict(v) for k, v in sorted(subsets.items())}} if subsets else {}),
         })
     except BaseException:
         writer.abort()
@@ -139,6 +161,26 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
     log.info("%s: %d records -> %d documents -> %d samples, fill %.2f%%, %d skipped",
              prefix.name, c["records"], c["documents"], c["samples"], 100 * c.get("fill", 0), sum(skipped.values()))
     return manifest
+
+
+PADDED_WARNING_SHARE = 0.2  # photo corpora have some images on plain backgrounds; not a fifth
+
+
+def warn_if_padded(totals: dict) -> None:
+    images, padded = totals.get("images", 0), totals.get("padded_images", 0)
+    if images and padded / images > PADDED_WARNING_SHARE:
+        log.warning("%d of %d images (%.0f%%) are letterboxed or padded (uniform bands on two opposite sides): "
+                    "SOLO trains on the image as it is, bands included. img2dataset pads with its default "
+                    "--resize_mode=border; download with --image_size=1024 --resize_mode=keep_ratio_largest "
+                    "--resize_only_if_bigger=True (README, data)", padded, images, 100 * padded / images)
+
+
+def skip_summary(skipped: dict[str, int]) -> str:
+    """'skipped 12 records: missing_text 10, corrupt_image 2' (every reason, most frequent first)."""
+    if not skipped:
+        return "skipped no records"
+    reasons = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"skipped {sum(skipped.values()):,} records: " + ", ".join(f"{r} {n:,}" for r, n in reasons)
 
 
 # -- worker processes --------------------------------------------------------------------------
@@ -220,6 +262,7 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
     """Write every missing shard of `source` into `out`; returns the folder manifest."""
     out.mkdir(parents=True, exist_ok=True)
     lock = output.lock(out)
+    _skip_warnings.clear()  # forked workers start from this
     pool = progress = None
     try:
         _import_megatron()
@@ -267,9 +310,9 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
         progress = None
         manifest = write_manifest()
         t = manifest["totals"]
-        log.info("done: %d shards, %d documents -> %d samples, fill %.2f%%, %d skipped %s",
-                 len(done), t["documents"], t["samples"], 100 * t["fill"], sum(manifest["skipped"].values()),
-                 manifest["skipped"] or "")
+        log.info("done: %d shards, %d documents -> %d samples, fill %.2f%%; %s",
+                 len(done), t["documents"], t["samples"], 100 * t["fill"], skip_summary(manifest["skipped"]))
+        warn_if_padded(t)
         return manifest
     except BaseException:
         if pool is not None:

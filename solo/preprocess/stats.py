@@ -3,30 +3,27 @@ a row per shard with --per-shard: a folder holds thousands), from the manifests 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from solo.data.shards import ShardError, list_shards
+from solo.data.shards import ShardError, list_shards, read_shard_manifest
 
 COLUMNS = (("documents", "documents"), ("sequences", "sequences"), ("samples", "samples"),
            ("text_tokens", "text tokens"), ("vision_tokens", "vision tokens"), ("images", "images"),
-           ("loss_tokens", "loss tokens"))
-
-
-def _read(prefix: str) -> dict:
-    try:
-        return json.loads(Path(f"{prefix}.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{prefix}.json: unreadable shard manifest ({e})") from e
+           ("loss_tokens", "loss tokens"), ("truncated", "truncated"), ("padded_images", "padded images"))
 
 
 def render(folder: str | Path, per_shard: bool = False) -> str:
     """The folder's totals (a row per shard above them with `per_shard`) and skips by reason."""
+    return report(folder, per_shard)[0]
+
+
+def report(folder: str | Path, per_shard: bool = False) -> tuple[str, int]:
+    """(the table `render` prints, the folder's document count)."""
     prefixes = list_shards(folder, include_empty=True)
     if not prefixes:
         raise ShardError(f"{folder}: no complete shards")
-    manifests = [(Path(p).name, _read(p)) for p in prefixes]
+    manifests = [(Path(p).name, read_shard_manifest(p)) for p in prefixes]
     rows, total, skipped, capacity = [], Counter(), Counter(), 0
     for name, m in manifests:
         counts = m.get("counts", {})
@@ -41,7 +38,8 @@ def render(folder: str | Path, per_shard: bool = False) -> str:
     table = [header] + [[name] + [f"{c.get(k, 0):,}" for k, _ in COLUMNS] + [f"{100 * c.get('fill', 0):.2f}%", f"{s:,}"]
                         for name, c, s in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
              for r in table]
     lines.insert(1, "-" * len(lines[0]))
     if per_shard:
@@ -51,5 +49,8 @@ def render(folder: str | Path, per_shard: bool = False) -> str:
     lines.insert(0, f"{folder}: {source}, seq_length {first.get('seq_length')}, patch {first.get('patch_size')}, "
                     f"max side {first.get('max_side')}, {len(manifests)} shards"
                     + (f" of {first['shards_planned']} planned" if "shards_planned" in first else ""))
+    if total["images"]:
+        lines.append(f"padded images: {total['padded_images']:,} of {total['images']:,} "
+                     f"({100 * total['padded_images'] / total['images']:.1f}%; uniform bands on two opposite sides)")
     lines.append("skipped: " + (", ".join(f"{r} {n:,}" for r, n in sorted(skipped.items())) or "none"))
-    return "\n".join(lines)
+    return "\n".join(lines), total["documents"]

@@ -7,7 +7,6 @@ with different layouts can be compared.
 
 import argparse
 import json
-from functools import partial
 
 import torch
 import torch.nn.functional as F

@@ -2,6 +2,7 @@
 
 --check parity: loss, logits and patch-projection gradient of a fixed packed batch (compared across
                TP sizes and sequence parallelism by the test).
+--check recompute: loss and every gradient of a 4-layer model under each recompute setting.
 --check single: single-rank behaviour (document isolation, collate's loss mask, flex vs mask
                attention, vpatch/patch mismatch, learning one image-caption pair); results to JSON.
 """
@@ -80,15 +81,46 @@ def check_parity(args):
                  logits=out[0, :, :MODEL.vocab_size].detach().numpy())
 
 
+RECOMPUTE = {  # name: (granularity, method, num_layers), TrainConfig's recompute_* fields
+    "none": ("none", "uniform", 0),
+    "full_uniform_2": ("full", "uniform", 2),
+    "full_uniform_4": ("full", "uniform", 4),
+    "full_block_1": ("full", "block", 1),
+    "full_block_4": ("full", "block", 4),
+    "selective": ("selective", "uniform", 0),
+}
+
+
+def check_recompute(args):
+    """Same weights (copied), same batch: forward + backward under every recompute setting."""
+    shape = ModelConfig(**{**MODEL.__dict__, "num_layers": 4})
+    parallel = ParallelConfig(tensor_parallel=args.tp, sequence_parallel=args.sp)
+    batch = collate([PackedSample.of_documents(standard_documents())], seq_length=96)
+    weights, results = None, {}
+    for name, (granularity, method, layers) in RECOMPUTE.items():
+        model = build_model(shape, parallel, backend="local", recompute_granularity=granularity,
+                            recompute_method=method, recompute_num_layers=layers)
+        weights = weights or model.state_dict()
+        model.load_state_dict(weights)
+        loss = (run(model, batch, "local") * batch.loss_mask).sum() / batch.loss_mask.sum()
+        loss.backward()
+        results[f"{name}_loss"] = loss.item()
+        results[f"{name}_grad"] = all_grads(model).numpy()
+        results[f"{name}_settings"] = np.array([model.config.recompute_granularity or "",
+                                                model.config.recompute_method or ""])
+    if rank() == 0:
+        np.savez(args.out, **results)
+
+
 def altered(doc, tokens=True, pixels=True):
     """The same document at the same length: its text reversed and/or its pixels inverted."""
-    t, l, p = doc
+    t, mask, p = doc
     t = list(t)
     if tokens:  # text positions carry loss; the first (<s>) and last (</s>) stay
-        text = [i for i in range(1, len(t) - 1) if l[i]]
-        for i, v in zip(text, [t[i] for i in text][::-1]):
+        text = [i for i in range(1, len(t) - 1) if mask[i]]
+        for i, v in zip(text, [t[i] for i in text][::-1], strict=True):
             t[i] = v
-    return t, l, (255 - p if pixels and p is not None else p)
+    return t, mask, (255 - p if pixels and p is not None else p)
 
 
 def all_grads(model):
@@ -128,7 +160,7 @@ def check_single(args):
         results["packed_vs_alone_max_diff"] = max(
             float((logits(model, collate([PackedSample.of_documents([d])], seq), "local")[0][:n]
                    - ref[bounds[i]:bounds[i + 1]]).abs().max())
-            for i, (d, n) in enumerate(zip(docs, lengths))
+            for i, (d, n) in enumerate(zip(docs, lengths, strict=True))
         )
         # FlexAttention backend (CPU eager) against the block-diagonal mask.
         flex = build_model(MODEL, ParallelConfig(), backend="flex")
@@ -205,13 +237,13 @@ def check_single(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--check", choices=["parity", "single"], required=True)
+    parser.add_argument("--check", choices=["parity", "single", "recompute"], required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     init_distributed(tensor_parallel=args.tp, seed=11)
-    (check_parity if args.check == "parity" else check_single)(args)
+    {"parity": check_parity, "single": check_single, "recompute": check_recompute}[args.check](args)
     destroy_distributed()
 
 

@@ -96,7 +96,7 @@ def main():
     init_distributed(seed=3)
     after_init = patched_attributes()
     results["ours_after_init"] = ours(after_init)
-    results["cpu_is_applied"] = cpu.is_applied()
+    results["cpu_is_applied"] = cpu._applied
     results["modes_after_init"] = len(_get_current_function_mode_stack())
     megatron_patches.apply(cpu=True)
     megatron_patches.apply(cpu=True)
