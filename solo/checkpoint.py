@@ -7,7 +7,9 @@ checkpoint loads at TP=1). This module adds what a month-long run needs around i
   every rank has finished, and only then does the `latest` pointer (itself replaced atomically)
   name it: a crash mid-write leaves the previous checkpoint as the one resumed;
 * `solo_meta.json` beside the tensors records the step, the model shape and the parallel layout,
-  so a checkpoint of another shape is refused with a clear message before any compute;
+  so a checkpoint of another shape is refused with a clear message before any compute; the
+  attention window, which changes what the weights mean without changing a shape, may not change
+  when a run resumes and is warned about when a stage starts from other weights;
 * `checksums.json` records the size and xxh3-128 of every file, written before the rename that
   commits the folder; a checkpoint is verified against it when loaded (the ranks share the
   hashing), so a flipped byte or a cut file is a CheckpointError naming the file, never silently
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -48,6 +51,8 @@ from solo.fileio import CHECKSUM, atomic_write_text, checksum_file, replace_dura
 # read in solo-megatron goes through this module or follows its import, process groups or not:
 # from here on torch DCP unpickles nothing but its own metadata and weights-only objects.
 safe_load.apply()
+
+log = logging.getLogger("solo.checkpoint")
 
 META_FILE = "solo_meta.json"
 LATEST_FILE = "latest"
@@ -208,6 +213,26 @@ def check_model_shape(checkpoint: Path, model: ModelConfig) -> None:
              for k in SHAPE_FIELDS if saved.get(k) != getattr(model, k)]
     if wrong:
         raise CheckpointError(f"{checkpoint}: model shape does not match the config: " + "; ".join(wrong))
+
+
+def check_attention_window(checkpoint: Path, model: ModelConfig, resuming: bool) -> None:
+    """A run resumes with the attention it started with (refused otherwise). A new stage may start
+    from weights trained with another window, e.g. a full-attention model given Mistral's window:
+    said on rank 0, since the weights then compute something else than they were trained for.
+    Checkpoints from before the option have no field: they were trained with full attention."""
+    saved = read_meta(checkpoint).get("model", {}).get("attention_window_tokens")
+    wanted = model.attention_window_tokens
+    if saved == wanted:
+        return
+    shown = ["null" if w is None else w for w in (saved, wanted)]  # as the YAML says it
+    change = f"attention_window_tokens: checkpoint {shown[0]} vs config {shown[1]} (null: full causal attention)"
+    if resuming:
+        raise CheckpointError(
+            f"{checkpoint}: {change}. A run resumes with the attention window it started with; to change it, "
+            f"start a new save_dir with init_from={checkpoint}"
+        )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning("%s: %s; this stage trains these weights with the config's window", checkpoint, change)
 
 
 def check_stage_finished(init_from: str | Path, checkpoint: Path) -> None:

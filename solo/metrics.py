@@ -31,11 +31,23 @@ def peak_flops_per_device() -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def attention_pairs(document_lengths: torch.Tensor, window_tokens: int | None) -> torch.Tensor:
+    """(query, key) pairs attended in documents of these lengths: causal, and with a window of w
+    tokens (the query included) a query sees min(position + 1, w) keys. A 0-dim float64 tensor on
+    the lengths' device: summed there, with no host sync per micro batch."""
+    n = document_lengths.double()
+    if window_tokens is None:
+        return (n * (n + 1) / 2).sum()
+    w = torch.clamp(n, max=window_tokens)
+    return (w * (w + 1) / 2 + (n - w) * w).sum()
+
+
 def training_flops(model: ModelConfig, tokens: float, attention_pairs: float) -> float:
     """Forward + backward FLOPs of a step: 3 x (2 x matmul params per token + attention).
 
-    `attention_pairs` counts the (query, key) pairs actually attended (causal, within documents),
-    so packing many short documents is not credited with full-sequence attention.
+    `attention_pairs` counts the (query, key) pairs actually attended (causal, within documents and
+    the attention window: `attention_pairs`), so packing many short documents is not credited with
+    full-sequence attention.
     """
     h, kv = model.hidden_size, model.hidden_size // model.num_attention_heads * model.num_query_groups
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * model.ffn_hidden_size

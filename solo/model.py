@@ -6,7 +6,11 @@ cross entropy), tensor/sequence parallelism and the layer implementations, chose
 * ``"te"``: TransformerEngine layers, packed documents through TE's THD attention (GPU);
 * ``"flex"``: local layers, packed documents through FlexAttention (GPU without TE,
   `solo.layers.FlexDocumentAttention`);
-* ``"local"``: local layers, packed documents through a block-diagonal causal mask (CPU).
+* ``"local"``: local layers, packed documents through a block-diagonal causal mask (CPU,
+  `solo.layers.LocalDocumentAttention`).
+
+A sliding attention window (`ModelConfig.attention_window_tokens`) becomes megatron-core's
+`TransformerConfig.window_size`, which all three backends honour inside each document.
 
 Both local variants take their norms from `solo.layers.SequenceParallelTorchNorm`.
 
@@ -27,7 +31,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 
 from solo.config import ModelConfig, ParallelConfig
-from solo.layers import FlexDocumentAttention, SequenceParallelTorchNorm
+from solo.layers import FlexDocumentAttention, LocalDocumentAttention, SequenceParallelTorchNorm
 from solo.tokenizer import TOKEN_IDS
 from solo.vision import IMAGENET_MEAN, IMAGENET_STD
 
@@ -70,8 +74,8 @@ def layer_spec(backend: str, config: TransformerConfig):
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = SequenceParallelTorchNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
-    if backend == "flex":
-        layer.submodules.self_attention.submodules.core_attention = FlexDocumentAttention
+    attention = FlexDocumentAttention if backend == "flex" else LocalDocumentAttention
+    layer.submodules.self_attention.submodules.core_attention = attention
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelTorchNorm
     )
@@ -90,6 +94,14 @@ def _fused_wgrad_kernel_available() -> bool:
     from megatron.core.tensor_parallel import layers
 
     return layers._grad_accum_fusion_available  # megatron-core 0.16: apex's kernel imported
+
+
+def window_size(model: ModelConfig) -> tuple[int, int] | None:
+    """megatron-core's (left, right) window from `attention_window_tokens` w: a query sees the w-1
+    tokens before it and itself, as HF Mistral's `sliding_window=w` (`kv > q - w`). TE's attention
+    takes the tuple as it is (flash-attn's convention); the local layers read it in `solo.layers`."""
+    w = model.attention_window_tokens
+    return None if w is None else (w - 1, 0)
 
 
 def transformer_config(
@@ -137,6 +149,7 @@ def transformer_config(
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=gradient_accumulation_fusion(
             backend, torch.cuda.is_available(), _fused_wgrad_kernel_available()),
+        window_size=window_size(model),
         **recompute_settings(recompute_granularity, recompute_method, recompute_num_layers),
     )
 

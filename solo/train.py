@@ -39,6 +39,7 @@ from megatron.core.transformer.module import Float16Module
 from solo import config as solo_config
 from solo.checkpoint import (
     CheckpointError,
+    check_attention_window,
     check_model_shape,
     check_stage_finished,
     good_checkpoint_label,
@@ -56,7 +57,7 @@ from solo.data.prefetch import StepPrefetcher
 from solo.data.shards import ShardError
 from solo.distributed import destroy_distributed, device, init_distributed
 from solo.faults import inject_into_forward_step
-from solo.metrics import MetricsLogger, training_flops
+from solo.metrics import MetricsLogger, attention_pairs, training_flops
 from solo.model import SOLOModel, build_model
 from solo.plan import check_fits, print_plan
 from solo.run_guard import guard_run
@@ -170,6 +171,7 @@ def _checkpoints_to_load(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
     for checkpoint in (resume, init):
         if checkpoint is not None:
             check_model_shape(checkpoint, cfg.model)
+            check_attention_window(checkpoint, cfg.model, resuming=checkpoint is resume)
     if init is not None:
         check_stage_finished(cfg.init_from, init)
     return resume, init
@@ -325,7 +327,7 @@ def train_step(training: Training, micro_batches: list[PackedBatch | None], step
         model=[t.ddp], num_microbatches=t.num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch_size, forward_only=False,
     )
-    stats = _reduce_stats(reduced, consumed)
+    stats = _reduce_stats(reduced, consumed, t.model.model_config.attention_window_tokens)
     first, last = step * t.global_batch_size, (step + 1) * t.global_batch_size - 1
     position = f"at step {step + 1} (data position: blend samples {first}..{last})"
     if not math.isfinite(stats.loss):
@@ -394,7 +396,7 @@ def _loss(batch, per_token_loss):
     return total, mask.sum().to(torch.int), {name: value.detach() for name, value in sums.items()}
 
 
-def _reduce_stats(reduced: list[dict], micro_batches: list[PackedBatch]) -> StepStats:
+def _reduce_stats(reduced: list[dict], micro_batches: list[PackedBatch], window: int | None) -> StepStats:
     """Losses of this step's micro batches (`reduced`) and what they cost (from `micro_batches`, the
     micro batches the model saw), summed over the data-parallel ranks and the pipeline stages."""
     sums = torch.zeros(len(_STEP_SUMS), dtype=torch.float64, device=device())
@@ -402,9 +404,9 @@ def _reduce_stats(reduced: list[dict], micro_batches: list[PackedBatch]) -> Step
         sums[:len(_LOSS_SUMS)] = torch.stack([torch.stack([r[k] for k in _LOSS_SUMS]) for r in reduced]).sum(0)
     if parallel_state.is_pipeline_first_stage():  # counted once per pipeline
         sums[_STEP_SUMS.index("tokens")] = sum(b.tokens.numel() for b in micro_batches)
-        lengths = [(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() for b in micro_batches]  # padding: a document
+        lengths = [b.cu_seqlens[1:] - b.cu_seqlens[:-1] for b in micro_batches]  # padding: a document
         # Summed on the device: the micro batches are there (received or copied), and no sync is needed.
-        sums[_STEP_SUMS.index("attention_pairs")] = torch.stack([(n * (n + 1) / 2).sum() for n in lengths]).sum()
+        sums[_STEP_SUMS.index("attention_pairs")] = torch.stack([attention_pairs(n, window) for n in lengths]).sum()
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
     s = dict(zip(_STEP_SUMS, sums.tolist(), strict=True))

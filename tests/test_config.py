@@ -69,8 +69,8 @@ def test_overrides_reach_nested_fields_and_keep_types():
     ("model.preset=gpt5", "unknown model preset"),
     ("optimizer.min_lr=1", "min_lr"),
     ("lr", "key=value"),
-    ("recompute_granularity=partial", "recompute_granularity must be"),
-    ("recompute_method=every", "recompute_method must be"),
+    ("recompute_granularity=partial", "recompute_granularity='partial' must be one of none, full, selective"),
+    ("recompute_method=every", "recompute_method='every' must be one of uniform, block"),
     ("recompute_num_layers=33", "1 <= recompute_num_layers <= 32"),
     ("recompute_num_layers=3", "multiple of recompute_num_layers=3"),
 ])

@@ -204,7 +204,7 @@ def test_export_loads_in_stock_transformers_as_fuyu(work):
 
     config = AutoConfig.from_pretrained(work.root / "hf_a")
     assert config.model_type == "fuyu" and config.text_config.model_type == "mistral"
-    assert config.text_config.sliding_window is None and config.text_config.vocab_size == 33031
+    assert config.text_config.sliding_window == 1024 and config.text_config.vocab_size == 33031  # Mistral's, kept
     assert (config.patch_size, config.num_channels, config.image_token_id) == (P, 3, 32001)
     model, info = FuyuForCausalLM.from_pretrained(work.root / "hf_a", output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors

@@ -173,6 +173,18 @@ def test_resuming_with_another_schedule_is_a_clear_error(curriculum, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_resuming_with_another_attention_window_is_refused(curriculum, tmp_path):
+    """Same tensors, other attention: the run would go on computing something else than it trained."""
+    import shutil
+
+    save_dir = tmp_path / "run"
+    shutil.copytree(curriculum / "runs" / "stage1", save_dir)
+    config = stage_config(curriculum, "stage1", save_dir=save_dir)
+    proc = run_train_single_process(config, "parallel.tensor_parallel=1", "model.attention_window_tokens=64")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "attention_window_tokens: checkpoint null vs config 64" in proc.stderr and "init_from=" in proc.stderr
+
+
 # solo.train.train in one process (a world of one) with train_step failing at the second step and
 # StepPrefetcher.close recording that it ran; prints the error and the record as the last line.
 STEP_FAILS = """

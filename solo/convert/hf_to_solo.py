@@ -141,6 +141,17 @@ def _rope_theta(config: dict, where: str) -> float:
     return theta
 
 
+def _attention_window(config: dict, where: str) -> int | None:
+    # HF's `sliding_window: w` (a query sees keys q - w < kv <= q) is `attention_window_tokens: w`.
+    # Absent, transformers' MistralConfig and the authors' SoloConfig both default to 4096.
+    window = config.get("sliding_window", 4096)
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConversionError(f"{where}: sliding_window {window!r} is neither null nor a positive integer")
+    return window
+
+
 def model_config_from_hf(src: HFSource) -> ModelConfig:
     """Our ModelConfig for the HF config.json (shape fields; vocab is always the SOLO 33,031)."""
     c, where = src.config, str(src.folder / "config.json")
@@ -172,18 +183,12 @@ def model_config_from_hf(src: HFSource) -> ModelConfig:
     patch_size = 32
     if src.kind == "solo":
         patch_size = int(c.get("vision_patch_size", 32))
-    window = c.get("sliding_window")
     max_positions = int(c.get("max_position_embeddings", 32768))
-    if window is not None and int(window) < max_positions:
-        log.warning(
-            "%s: sliding_window %s is ignored: SOLO trains full causal attention inside each "
-            "packed document (docs/design.md 'HuggingFace export')", where, window,
-        )
     shape = dict(
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
         ffn_hidden_size=ffn, norm_epsilon=float(c.get("rms_norm_eps", 1e-5)), rope_theta=_rope_theta(c, where),
         vocab_size=SOLO_VOCAB, patch_size=patch_size, max_position_embeddings=max_positions,
-        init_method_std=float(c.get("initializer_range", 0.02)),
+        init_method_std=float(c.get("initializer_range", 0.02)), attention_window_tokens=_attention_window(c, where),
     )
     preset = next((name for name, p in MODEL_PRESETS.items()
                    if all(getattr(p, k) == v for k, v in shape.items() if k != "max_position_embeddings")), "custom")
@@ -317,7 +322,6 @@ def convert_hf_to_solo(
             converted_from={
                 "format": src.kind, "path": str(src.folder.resolve()),
                 "architectures": src.config.get("architectures"), "dtype": str(torch_dtype).removeprefix("torch."),
-                "sliding_window_ignored": src.config.get("sliding_window"),
                 # dist_checkpointing reshards on load: this is the TP size the conversion was checked for.
                 "tensor_parallel": tp, **notes,
             },

@@ -9,7 +9,9 @@ processor config and config.json, and generation_config.json carries its rule: s
 id, suppress every other id >= 32000.
 
 Why Fuyu: `FuyuForCausalLM` (transformers 5.x) is a decoder (`text_config`, here Mistral with
-`sliding_window: null`, i.e. full causal attention as trained) whose input embedding at every
+`sliding_window` = the model's `attention_window_tokens`, null for full causal attention; its
+`language_model` is a `MistralModel`, which applies the window in every attention implementation)
+whose input embedding at every
 `image_token_id` (32001, `<vpatch>`) position is *replaced* by `vision_embed_tokens(patch)`, a
 `Linear(3*P*P -> hidden)` with bias. SOLO *adds* the `<vpatch>` embedding to a bias-free
 projection, so the export writes that embedding row into `vision_embed_tokens.bias`: the two
@@ -141,7 +143,7 @@ def _write_configs(folder: Path, model: ModelConfig, dtype: torch.dtype, tok: SO
         num_key_value_heads=model.num_query_groups, head_dim=model.hidden_size // model.num_attention_heads,
         hidden_act="silu", max_position_embeddings=model.max_position_embeddings,
         rms_norm_eps=model.norm_epsilon, rope_theta=model.rope_theta,
-        sliding_window=None,  # full causal attention inside a document, as trained
+        sliding_window=model.attention_window_tokens,  # as trained; None: full causal attention
         tie_word_embeddings=False, initializer_range=model.init_method_std,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
     )
