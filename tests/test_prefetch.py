@@ -50,10 +50,10 @@ def test_an_error_while_reading_ahead_surfaces_at_its_step(folders):
     prefetch = StepPrefetcher(data, 0, 1, 1, 0)
     real = data.rank_batch
 
-    def damaged(step, rank, size):
+    def damaged(step, rank, size, **options):
         if step == 1:
             raise OSError("shard-00003.pixels.bin: Input/output error")
-        return real(step, rank, size)
+        return real(step, rank, size, **options)
 
     data.rank_batch = damaged
     try:
