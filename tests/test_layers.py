@@ -34,13 +34,18 @@ def reference(query, key, value, window=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).permute(2, 0, 1, 3).reshape(len(doc), 1, -1)
 
 
-def test_document_attention_matches_a_dense_same_document_causal_mask():
+def packed_inputs(seed: int):
+    """Query, key, value of the LENGTHS documents packed in one row, and their PackedSeqParams."""
     seq = sum(LENGTHS)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     query = torch.randn(seq, 1, HEADS, DIM, generator=gen)
     key, value = (torch.randn(seq, 1, GROUPS, DIM, generator=gen) for _ in range(2))
     cu_seqlens = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
+    return query, key, value, PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
+
+
+def test_document_attention_matches_a_dense_same_document_causal_mask():
+    query, key, value, params = packed_inputs(seed=0)
     layer = attention()
     out = layer(query, key, value, None, packed_seq_params=params)
     torch.testing.assert_close(out, reference(query, key, value), rtol=1e-5, atol=1e-5)
@@ -51,12 +56,7 @@ def test_document_attention_matches_a_dense_same_document_causal_mask():
 
 @pytest.mark.parametrize("window", [1, 5, 16])
 def test_document_attention_with_a_sliding_window_matches_a_dense_windowed_mask(window):
-    seq = sum(LENGTHS)
-    gen = torch.Generator().manual_seed(1)
-    query = torch.randn(seq, 1, HEADS, DIM, generator=gen)
-    key, value = (torch.randn(seq, 1, GROUPS, DIM, generator=gen) for _ in range(2))
-    cu_seqlens = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
+    query, key, value, params = packed_inputs(seed=1)
     out = attention(window_size=(window - 1, 0))(query, key, value, None, packed_seq_params=params)
     torch.testing.assert_close(out, reference(query, key, value, window), rtol=1e-5, atol=1e-5)
     # The window bites (documents of 14 and 18 tokens are longer than 5): full attention differs.

@@ -161,13 +161,18 @@ def test_init_from_an_unfinished_stage_is_refused(curriculum, tmp_path):
     check_stage_finished(curriculum / "runs" / "stage1", curriculum / "runs" / "stage1" / "iter_0000006")
 
 
-def test_resuming_with_another_schedule_is_a_clear_error(curriculum, tmp_path):
+def resume_stage1_with(curriculum, tmp_path, override: str):
+    """A copy of the finished stage-1 run resumed on one process with one config value changed."""
     import shutil
 
     save_dir = tmp_path / "run"
     shutil.copytree(curriculum / "runs" / "stage1", save_dir)
     config = stage_config(curriculum, "stage1", save_dir=save_dir)
-    proc = run_train_single_process(config, "parallel.tensor_parallel=1", "optimizer.lr=0.01")
+    return run_train_single_process(config, "parallel.tensor_parallel=1", override)
+
+
+def test_resuming_with_another_schedule_is_a_clear_error(curriculum, tmp_path):
+    proc = resume_stage1_with(curriculum, tmp_path, "optimizer.lr=0.01")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the config's schedule differs from the checkpoint's" in proc.stderr and "init_from=" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -175,12 +180,7 @@ def test_resuming_with_another_schedule_is_a_clear_error(curriculum, tmp_path):
 
 def test_resuming_with_another_attention_window_is_refused(curriculum, tmp_path):
     """Same tensors, other attention: the run would go on computing something else than it trained."""
-    import shutil
-
-    save_dir = tmp_path / "run"
-    shutil.copytree(curriculum / "runs" / "stage1", save_dir)
-    config = stage_config(curriculum, "stage1", save_dir=save_dir)
-    proc = run_train_single_process(config, "parallel.tensor_parallel=1", "model.attention_window_tokens=64")
+    proc = resume_stage1_with(curriculum, tmp_path, "model.attention_window_tokens=64")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "attention_window_tokens: checkpoint null vs config 64" in proc.stderr and "init_from=" in proc.stderr
 
