@@ -8,12 +8,17 @@ authors' demo, every id >= 32000 is suppressed but the template's stop id, and g
 
     solo-generate --model export/solo-hf --image dog.jpg --prompt "A photo of" --template plain
     solo-generate --model export/solo-hf --image dog.jpg --prompt "What is in the image?" --template solo-inst
+    solo-generate --model export/solo-hf --image dog.jpg --image cat.png --prompt "What is in the image?"
+
+Several `--image` run as one batch, padded on the left (`batch_inputs`); each answer is printed on
+its own line, and the throughput (new tokens per second of `generate`) on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from solo.templates import TEMPLATES
 
@@ -51,30 +56,74 @@ def fuyu_inputs(model, inputs: dict) -> dict:
     return out
 
 
-def generate(model, processor, image=None, prompt: str = "", max_new_tokens: int = 32,
-             template: str | None = None) -> list[int]:
-    """The generated ids (prompt excluded), ending with a stop id unless `max_new_tokens` ran out.
-    `template`: a `solo.templates` name (default: the processor's, i.e. the model's)."""
+def batch_inputs(processor, images, prompts, template: str | None = None) -> dict:
+    """Tensors for several (image or None, prompt) pairs: each encoded by `SOLOProcessor` (the
+    training code), then padded on the left into one batch as the HF processor pads
+    (`processing_solo.pad_batch`: masked `<vpatch>` ids for the patches a smaller image lacks)."""
+    from solo.convert.layouts import patches_to_fuyu
+    from solo.convert.processing_solo import pad_batch
+    from solo.vision import normalize_patches
+
+    samples = []
+    for image, prompt in zip(images, prompts, strict=True):
+        encoded = processor.encode(image, prompt, template)
+        pixels = patches_to_fuyu(normalize_patches(encoded.patches), processor.patch_size)
+        samples.append((encoded.input_ids, pixels if len(pixels) else None))
+    tok = processor.tokenizer
+    return dict(pad_batch(samples, tok.pad_id, tok.patch_id, processor.patch_dim, "left", "pt"))
+
+
+def generate_batch(model, processor, images, prompts, max_new_tokens: int = 32,
+                   template: str | None = None) -> list[list[int]]:
+    """The generated ids of each (image, prompt) (prompt excluded), each ending with its first stop
+    id unless `max_new_tokens` ran out. `template`: a `solo.templates` name (default: the
+    processor's, i.e. the model's)."""
     import torch
 
     from solo.templates import get_template
 
     chosen = get_template(template or processor.template)
-    inputs = fuyu_inputs(model, processor(image, prompt, template=chosen.name))
+    inputs = fuyu_inputs(model, batch_inputs(processor, images, prompts, chosen.name))
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             eos_token_id=chosen.stop_ids(), suppress_tokens=chosen.suppressed_ids(),
             pad_token_id=processor.tokenizer.pad_id,
         )
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    stops = set(chosen.stop_ids())
+    return [_until_stop(row, stops) for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
+
+
+def _until_stop(ids: list[int], stops: set[int]) -> list[int]:
+    # A finished row of a batch is padded after its stop id.
+    end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
+    return ids[:end]
+
+
+def generate(model, processor, image=None, prompt: str = "", max_new_tokens: int = 32,
+             template: str | None = None) -> list[int]:
+    """`generate_batch` of one (image, prompt)."""
+    return generate_batch(model, processor, [image], [prompt], max_new_tokens, template)[0]
+
+
+def _pairs(images: list[str], prompts: list[str]) -> tuple[list, list[str]]:
+    """One prompt for every image, or one per image; no image: the prompts alone."""
+    if not images:
+        return [None] * len(prompts or [""]), prompts or [""]
+    if len(prompts) <= 1:
+        return images, (prompts or [""]) * len(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} --prompt for {len(images)} --image: give one, or one per image")
+    return images, prompts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="solo-generate", description="Greedy generation from an exported SOLO model.")
     parser.add_argument("--model", required=True, help="folder written by `solo-convert solo-to-hf`")
-    parser.add_argument("--image", help="image file (optional: text-only prompts work too)")
-    parser.add_argument("--prompt", default="", help="text after the image")
+    parser.add_argument("--image", action="append", default=[],
+                        help="image file; repeat for a batch (optional: text-only prompts work too)")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="text after the image; one for every image, or one per --image")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
                         help="prompt layout (default: the one the model was trained on, from the export)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -84,14 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     from solo.vision import ImageLoadError
 
     try:
+        images, prompts = _pairs(args.image, args.prompt)
         model, processor = load(args.model, args.dtype)
-        ids = generate(model, processor, args.image, args.prompt, args.max_new_tokens, template=args.template)
+        start = time.perf_counter()
+        answers = generate_batch(model, processor, images, prompts, args.max_new_tokens, template=args.template)
+        seconds = time.perf_counter() - start
     except (FileNotFoundError, ImageLoadError, ValueError, OSError) as e:
         print(f"solo-generate: error: {e}", file=sys.stderr, flush=True)
         return 2
-    if ids and ids[-1] in processor.stop_ids(args.template):
-        ids = ids[:-1]
-    print(processor.decode(ids))
+    stops = processor.stop_ids(args.template)
+    for ids in answers:
+        print(processor.decode(ids[:-1] if ids and ids[-1] in stops else ids))
+    tokens = sum(map(len, answers))
+    print(f"solo-generate: {tokens} new tokens for {len(answers)} prompt(s) in {seconds:.2f} s "
+          f"({tokens / seconds:.1f} tokens/s)", file=sys.stderr, flush=True)
     return 0
 
 

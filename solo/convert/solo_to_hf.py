@@ -43,6 +43,7 @@ from solo.convert.common import (
     staged_output,
 )
 from solo.convert.layouts import hf_shape, mistral_entries, patch_columns_to_fuyu, read_hf
+from solo.convert.model_card import model_card
 from solo.convert.processor import SOLOProcessor
 from solo.templates import TEMPLATES, get_template
 from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS, SOLOTokenizer
@@ -207,14 +208,19 @@ def hf_tokenizer(tok: SOLOTokenizer):
 
 def write_tokenizer(folder: Path, tok: SOLOTokenizer, model: ModelConfig, template: str = "plain") -> None:
     """tokenizer.model (sentencepiece, read by SOLOProcessor) + tokenizer.json/tokenizer_config.json
-    (read by `AutoTokenizer.from_pretrained`; `hf_tokenizer`)."""
+    (read by `AutoTokenizer.from_pretrained`; `hf_tokenizer`) + the HF processor (`processing_solo`)."""
     # copies tokenizer.model, writes our processor config (the model's patch size, image side, template)
     SOLOProcessor(tok, model.patch_size, model.max_image_side, template).save_pretrained(folder)
     hf = hf_tokenizer(tok)
     wrong = {t: hf.convert_tokens_to_ids(t) for t, i in tok.special_tokens.items() if hf.convert_tokens_to_ids(t) != i}
     if len(hf) != tok.vocab_size or wrong:
         raise RuntimeError(f"HF tokenizer ids differ from SOLO's: size {len(hf)}, tokens {list(wrong.items())[:3]}")
-    hf.save_pretrained(str(folder))
+    # The tokenizer with the template's chat template, the processor configs and processing_solo.py
+    # (the remote code AutoProcessor loads with trust_remote_code=True).
+    from solo.convert.processing_solo import SOLOHFProcessor, SOLOImageProcessor
+
+    image_processor = SOLOImageProcessor(model.patch_size, model.max_image_side)
+    SOLOHFProcessor(image_processor, hf, template=template).save_pretrained(folder)
 
 
 def _read(checkpoint: Path, fn, *args, **kwargs):
@@ -264,7 +270,9 @@ def convert_solo_to_hf(
             _write_weights(tmp, solo, model, tok.patch_id, out_dtype, max_shard_bytes)
             _write_configs(tmp, model, out_dtype, tok, template)
             write_tokenizer(tmp, tok, model, template)
+            card = model_card(checkpoint, model, template, str(out_dtype).removeprefix("torch."))
+            (tmp / "README.md").write_text(card)
     log.info("wrote %s: load with transformers.FuyuForCausalLM.from_pretrained and "
-             "solo.convert.processor.SOLOProcessor.from_pretrained", output)
+             "AutoProcessor.from_pretrained(trust_remote_code=True) (README.md in it says how)", output)
     return output
 
