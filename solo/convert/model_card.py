@@ -126,7 +126,7 @@ def model_card(checkpoint: Path, model: ModelConfig, template: str, dtype: str) 
         "# a batch: several conversations (images of any size), padded on the left",
         "batch = processor.apply_chat_template([messages, other_messages], add_generation_prompt=True,",
         '                                      tokenize=True, return_dict=True, return_tensors="pt",',
-        "                                      padding=True).to(model.device, model.dtype)",
+        '                                      processor_kwargs={"padding": True}).to(model.device, model.dtype)',
         "",
         'pipe = pipeline("image-text-to-text", model="MODEL", trust_remote_code=True)',
         "pipe(text=messages, max_new_tokens=64)",
