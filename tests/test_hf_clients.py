@@ -262,7 +262,10 @@ def test_device_map_auto_loads_on_cpu_with_accelerate(export, hf_processor):
     from transformers import FuyuForCausalLM
 
     model = FuyuForCausalLM.from_pretrained(export.hf, dtype=torch.float32, device_map="auto").eval()
-    assert set(model.hf_device_map.values()) <= {"cpu", 0} and model.device.type == "cpu"
+    import accelerate  # noqa: F401  (device_map needs it: the [hf] extra)
+
+    # All on the CPU here (transformers 5.23 records a map only when it splits the model).
+    assert set(getattr(model, "hf_device_map", {"": "cpu"}).values()) == {"cpu"} and model.device.type == "cpu"
     reference = FuyuForCausalLM.from_pretrained(export.hf, dtype=torch.float32).eval()
     inputs = hf_processor(images=export.images[1], text="A photo of", return_tensors="pt")
     with torch.no_grad():

@@ -313,4 +313,6 @@ def pad_batch(samples, pad_id: int, image_token_id: int, patch_dim: int, side: s
         data["pixel_values"] = np.stack(rows_pixels)
     if not data["attention_mask"].all():
         data["position_ids"] = np.maximum(data["attention_mask"].cumsum(-1) - 1, 0)
+    if return_tensors is None:  # lists of ids, as tokenizers give them
+        data = {k: v if k == "pixel_values" else v.tolist() for k, v in data.items()}
     return BatchFeature(data, tensor_type=return_tensors)
