@@ -14,6 +14,7 @@ from pathlib import Path
 
 from solo.config import ModelConfig
 from solo.templates import get_template
+from solo.tokenizer import SP_VOCAB_SIZE, SPECIAL_TOKENS, TOKEN_IDS
 
 MAX_STAGES = 8  # init_from chains longer than the project's three stages are cut here
 LAYOUTS = {
@@ -79,7 +80,8 @@ def _stage_section(path: Path, meta: dict) -> list[str]:
 
 def model_card(checkpoint: Path, model: ModelConfig, template: str, dtype: str) -> str:
     chosen = get_template(template)
-    stops = " or ".join(f"`{i}`" for i in chosen.stop_ids())
+    names = {TOKEN_IDS.eos_id: "</s>", **{SP_VOCAB_SIZE + i: t for i, t in enumerate(SPECIAL_TOKENS)}}
+    stops = " or ".join(f"`{names[i]}` (id {i})" for i in chosen.stop_ids())
     window = model.attention_window_tokens or "none (full causal attention)"
     lines = [
         "---", "library_name: transformers", "pipeline_tag: image-text-to-text",

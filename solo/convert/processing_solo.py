@@ -104,6 +104,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _as_pil(image) -> Image.Image:
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        from transformers.image_utils import load_image
+
+        return load_image(image)
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as opened:
             opened.load()
