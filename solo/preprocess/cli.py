@@ -10,6 +10,8 @@
     solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama \
                              --exclude-subsets RedPajamaCommonCrawl,RedPajamaC4
     solo-preprocess stats shards/cc3m [--per-shard]
+    solo-preprocess captions ... --num-nodes 8 --node-rank 3      (one machine's part; SLURM arrays: implied)
+    solo-preprocess finalize shards/cc3m                           (after all nodes, if none completed it)
 
 argparse lives here only. Arguments and inputs are checked before any work: a wrong one exits
 with status 2 and a message naming the path. So does an OS error during the run (a full disk, an
@@ -105,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per shard (default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_SHARD_SIZE.items()) + ")")
     common.add_argument("--seed", type=non_negative, default=0, help="record and document order (>= 0)")
+    common.add_argument("--num-nodes", type=positive, default=None,
+                        help="machines writing the one --output folder, each its block of the shard plan (default: "
+                        "SLURM_ARRAY_TASK_COUNT in a job array, SLURM_STEP_NUM_TASKS in an srun step, else 1)")
+    common.add_argument("--node-rank", type=non_negative, default=None,
+                        help="this machine's place among them, below --num-nodes (default: from SLURM_ARRAY_TASK_ID "
+                        "and _MIN/_STEP, or SLURM_PROCID in an srun step)")
 
     parser = argparse.ArgumentParser(prog="solo-preprocess", description=__doc__.split("\n\nargparse")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
+    p = sub.add_parser("finalize", help="complete manifest.json of a folder written by several nodes",
+                       description="Writes the complete manifest.json once every planned shard is there (the last "
+                       "node does so itself; this is for file systems that show other machines' files late). "
+                       "Exits 2 naming the missing shards and their nodes otherwise.")
+    p.add_argument("folder")
     return parser
 
 
@@ -271,8 +284,19 @@ def _check_options(args) -> None:
     _require(args.tokenizer, "--tokenizer")
 
 
+def _node_split(parser: argparse.ArgumentParser, args):
+    from solo.preprocess.nodes import split_from
+
+    try:
+        return split_from(args.num_nodes, args.node_rank, os.environ)
+    except ValueError as e:
+        parser.error(str(e))  # exit 2, before any work
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    split = _node_split(parser, args) if args.command not in ("stats", "finalize") else None
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("solo.preprocess").setLevel(logging.INFO)
     from solo.data.shards import ShardError
@@ -287,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             if documents == 0:
                 raise ShardError(f"{args.folder}: its shards hold no documents (every record was skipped)")
             return 0
+        if args.command == "finalize":
+            return _finalize(args.folder)
         _check_options(args)
         source = build_source(args)
         from solo.preprocess.documents import Layout
@@ -299,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side,
                         image_first=getattr(args, "image_position", "first") == "first",
                         template=args.template if args.command == "sft" else "plain")
-        manifest = run(source, layout, options, Path(args.output), args.workers)
-        if manifest["totals"]["documents"] == 0:
+        manifest = run(source, layout, options, Path(args.output), args.workers, split)
+        if manifest["complete"] and manifest["totals"]["documents"] == 0:
             raise UsageError(f"--output {args.output}: no documents from {manifest['totals']['records']:,} records "
                              f"({skip_summary(manifest['skipped'])})")
     except (InputError, UsageError, ShardError) as e:
@@ -313,6 +339,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("solo-preprocess: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130
+    return 0
+
+
+def _finalize(folder: str) -> int:
+    from solo.preprocess.nodes import finalize
+    from solo.preprocess.output import UsageError
+
+    manifest = finalize(Path(folder))
+    t = manifest["totals"]
+    if t["documents"] == 0:
+        raise UsageError(f"{folder}: no documents from {t['records']:,} records")
+    print(f"{folder}: complete, {manifest['shards_complete']} shards, {t['documents']:,} documents, "
+          f"{t['samples']:,} samples")
     return 0
 
 
