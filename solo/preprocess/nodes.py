@@ -210,11 +210,21 @@ def finalize(out: Path) -> dict:
     spec, spec_sha, planned = plan["spec"], plan["spec_sha256"], plan["shards_planned"]
     done = output.complete_shards(out, spec_sha)
     if len(done) < planned:
-        raise UsageError(f"{out}: cannot finalize, {planned - len(done)} of {planned} shards missing: "
-                         + "; ".join(missing(out, planned, done)))
+        raise UsageError(f"{out}: cannot finalize, {missing_summary(out, planned, done)}")
     manifest = output.summarize(spec, spec_sha, planned, done)
     _replace_manifest(out, manifest, f"finalize-{os.getpid()}")
     return manifest
+
+
+def missing_summary(out: Path, planned: int, done) -> str | None:
+    """'3 of 7 shards missing: node 1 of 2 (not finished): shard-00003, ...; rerun ...', None if none."""
+    gaps = missing(out, planned, done)
+    if not gaps:
+        return None
+    split = (out / LEDGER / "plan.json").is_file()
+    rerun = ("rerun those nodes (the same command with their --node-rank); the last one completes manifest.json"
+             if split else "rerun the same command to finish")
+    return f"{sum(k not in done for k in range(planned))} of {planned} shards missing: {'; '.join(gaps)}; {rerun}"
 
 
 def missing(out: Path, planned: int, done) -> list[str]:

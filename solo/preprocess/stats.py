@@ -13,6 +13,13 @@ COLUMNS = (("documents", "documents"), ("sequences", "sequences"), ("samples", "
            ("loss_tokens", "loss tokens"), ("truncated", "truncated"), ("padded_images", "padded images"))
 
 
+def _incomplete(folder, planned, present: set) -> list[str]:
+    from solo.preprocess.nodes import missing_summary  # what is missing, by node of a split folder
+
+    gaps = missing_summary(Path(folder), planned, present) if isinstance(planned, int) else None
+    return [f"incomplete: {gaps}"] if gaps else []
+
+
 def render(folder: str | Path, per_shard: bool = False) -> str:
     """The folder's totals (a row per shard above them with `per_shard`) and skips by reason."""
     return report(folder, per_shard)[0]
@@ -53,4 +60,5 @@ def report(folder: str | Path, per_shard: bool = False) -> tuple[str, int]:
         lines.append(f"padded images: {total['padded_images']:,} of {total['images']:,} "
                      f"({100 * total['padded_images'] / total['images']:.1f}%; uniform bands on two opposite sides)")
     lines.append("skipped: " + (", ".join(f"{r} {n:,}" for r, n in sorted(skipped.items())) or "none"))
+    lines.extend(_incomplete(folder, first.get("shards_planned"), {m.get("shard") for _, m in manifests}))
     return "\n".join(lines), total["documents"]
