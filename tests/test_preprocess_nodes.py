@@ -10,6 +10,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -215,3 +216,22 @@ def test_a_killed_node_resumes_its_part_and_leaves_the_other_nodes_files_alone(t
     assert cli(*args, "--output", out, "--num-nodes", 2, "--node-rank", 1) == 0  # its own leftover: removed
     assert cli(*args, "--output", tmp_path / "one") == 0
     assert data_files(out) == data_files(tmp_path / "one")
+
+
+def test_the_slurm_array_script_passes_the_task_as_the_node(tmp_path):
+    """scripts/slurm_preprocess.sbatch under a fake solo-preprocess: the array task is the node, and
+    a resubmitted task keeps the first array's node count (NUM_NODES)."""
+    fake = tmp_path / "bin" / "solo-preprocess"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "slurm_preprocess.sbatch")
+    base = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    for extra, expected in (({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "16"}, "16 --node-rank 3"),
+                            ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2", "NUM_NODES": "16"},
+                             "16 --node-rank 5")):
+        run = subprocess.run(["bash", script, "text", "--input", "a.jsonl", "--output", "out"],
+                             env={**base, **extra}, capture_output=True, text=True, check=True)
+        assert run.stdout.strip() == f"text --input a.jsonl --output out --num-nodes {expected}"
+    run = subprocess.run(["bash", script, "text"], env=base, capture_output=True, text=True)
+    assert run.returncode != 0 and "submit with sbatch --array" in run.stderr

@@ -5,9 +5,9 @@ options (documents shuffled with (seed, shard), packed by `packing.pack`, writte
 `solo.data.shards.ShardWriter`), so `--workers` never changes the output. A complete shard is one
 whose manifest exists; a rerun skips those, deletes stale `.tmp-*` files and writes the rest. Workers
 ask the kernel to kill them when the parent dies, so a killed run leaves no writer behind (the
-output folder's bookkeeping is in `output.py`). A run that fails (a full disk, say) stops the other
-workers and removes every temporary; the CLI names the file and the rerun finishes the folder.
-tqdm shows records/s and tokens/s.
+output folder's bookkeeping is in `output.py`; a run split across machines, in `nodes.py`). A run
+that fails (a full disk, say) stops the other workers and removes every temporary; the CLI names
+the file and the rerun finishes the folder. tqdm shows records/s and tokens/s.
 
 Decoded patches are large (3 KiB per vision token), so a worker spills them to a temporary file in
 arrival order and the kernel copies them into the shard in packed order (os.copy_file_range):
