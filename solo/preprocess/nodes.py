@@ -12,8 +12,9 @@ agree through file operations that are atomic there too:
 * `manifest.json`: created once, incomplete (`complete: false`, same no-replace link), so that
   training refuses the folder until every node is done; only a final manifest ever replaces it.
 * `.nodes/node-RRRRR.json`: node R's record that its shards are complete (host, time: the ledger,
-  not the data). Written before R looks at the folder, so of two nodes finishing together at least
-  one sees the other's shards: whoever sees every planned shard writes the final manifest.json,
+  not the data). Then R looks at the folder: every node renames its shards into place before it
+  looks, so of two nodes finishing together at least one sees the other's shards, and whoever sees
+  every planned shard writes the final manifest.json,
   under a temporary of its own, renamed over the old one. Every writer writes the same bytes, so
   concurrent finishers are harmless. `solo-preprocess finalize OUT` does the same by hand (where a
   shared file system shows other machines' files late, or after deleting and redoing a shard).
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from solo.fileio import TEMP_PREFIX, atomic_write_json, naming, replace_durably
+from solo.fileio import TEMP_PREFIX, naming, replace_durably
 from solo.preprocess import output
 from solo.preprocess.output import UsageError
 
@@ -183,13 +184,14 @@ def finish(out: Path, spec: dict, spec_sha: str, planned: int, split: NodeSplit)
     """Record this node as done; complete manifest.json if every planned shard is there. Returns
     the folder's manifest as this node sees it (written only when complete)."""
     mine = split.shards(planned)
-    atomic_write_json(out / LEDGER / f"node-{split.node_rank:05d}.json",
-                      {"node_rank": split.node_rank, "num_nodes": split.num_nodes, "shards": [mine.start, mine.stop],
-                       "host": socket.gethostname(), "pid": os.getpid(), "finished_unix_s": round(time.time(), 3)})
+    record = {"node_rank": split.node_rank, "num_nodes": split.num_nodes, "shards": [mine.start, mine.stop],
+              "host": socket.gethostname(), "pid": os.getpid(), "finished_unix_s": round(time.time(), 3)}
+    _replace(out, out / LEDGER / f"node-{split.node_rank:05d}.json", json.dumps(record, indent=1).encode(),
+             f"{split.node_rank:05d}")
     done = output.complete_shards(out, spec_sha)
     manifest = output.summarize(spec, spec_sha, planned, done)
     if manifest["complete"]:
-        _replace_manifest(out, manifest, f"{split.node_rank:05d}")
+        _replace(out, out / "manifest.json", output.manifest_bytes(manifest), f"{split.node_rank:05d}")
         log.info("%s: every node is done; %s/manifest.json is complete", split, out)
     else:
         log.info("%s: its %d shards are complete; waiting for %s (the last node to finish completes "
@@ -207,12 +209,16 @@ def finalize(out: Path) -> dict:
         plan = _read_json(manifest_path)
     else:
         raise UsageError(f"{out}: neither {LEDGER}/plan.json nor manifest.json (not a solo-preprocess output folder)")
-    spec, spec_sha, planned = plan["spec"], plan["spec_sha256"], plan["shards_planned"]
+    try:
+        spec, spec_sha, planned = plan["spec"], plan["spec_sha256"], int(plan["shards_planned"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{plan_path if plan_path.is_file() else manifest_path}: no spec, spec_sha256 and "
+                         f"shards_planned ({e!r})") from e
     done = output.complete_shards(out, spec_sha)
     if len(done) < planned:
         raise UsageError(f"{out}: cannot finalize, {missing_summary(out, planned, done)}")
     manifest = output.summarize(spec, spec_sha, planned, done)
-    _replace_manifest(out, manifest, f"finalize-{os.getpid()}")
+    _replace(out, out / "manifest.json", output.manifest_bytes(manifest), f"finalize-{os.getpid()}")
     return manifest
 
 
@@ -292,11 +298,12 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     return True
 
 
-def _replace_manifest(out: Path, manifest: dict, tag: str) -> None:
-    tmp = _temp(out, "manifest.json", tag)
+def _replace(out: Path, path: Path, data: bytes, tag: str) -> None:
+    """Replace `path` by `data`, all or nothing, through a temporary of this writer's own."""
+    tmp = _temp(out, path.name, tag)
     try:
-        _write_temp(tmp, output.manifest_bytes(manifest))
-        replace_durably(tmp, out / "manifest.json")
+        _write_temp(tmp, data)
+        replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
