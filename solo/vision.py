@@ -363,6 +363,8 @@ def unpatchify(patches: np.ndarray, rows: int, cols: int) -> np.ndarray:
 # How a shard may store an image (solo.data.shards): PIL's format name and its save options.
 # optimize=True: JPEG's Huffman tables fitted to the image, ~5% fewer bytes, same pixels.
 STORED_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
+PIXEL_KINDS = ("raw", *STORED_FORMATS)  # raw: the patches themselves, nothing to decode
+JPEG_SUBSAMPLINGS = ("4:4:4", "4:2:2", "4:2:0")  # chroma resolution: full, half across, half both ways
 
 
 def encode_stored_image(patches: np.ndarray, rows: int, cols: int, kind: str, *, jpeg_quality: int = 95,

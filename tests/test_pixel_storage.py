@@ -6,6 +6,7 @@ it is decoded."""
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from PIL import Image, ImageFile
 
 import solo.data.shards as shards
 from solo.data.shards import PackedSample, ShardError, ShardWriter, open_shard
-from solo.demo_data import BENCHMARK_PHOTOS, skimage_photo
+from solo.demo_data import BENCHMARK_PHOTOS, PHOTOS, skimage_photo, write_imagenet
+from solo.preprocess.cli import main
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import encode_image, image_token_ids
 from tests.shard_fixtures import image_documents, text_documents
@@ -200,3 +202,79 @@ def test_a_damaged_jpeg_pixels_bin_fails_the_checksum(tmp_path, tok):
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="pixels.bin does not match its"):
         open_shard(prefix, verify_checksum=True)
+
+
+@pytest.fixture(scope="module")
+def imagenet_kinds(tmp_path_factory):
+    """solo-preprocess imagenet on one folder of photos, once per storage kind."""
+    root = tmp_path_factory.mktemp("imagenet")
+    write_imagenet(root / "in", dict(list(PHOTOS.items())[:6]), images_per_class=2)
+    options = {"raw": [], "png": ["--pixels", "png"], "jpeg": ["--pixels", "jpeg", "--jpeg-quality", "90"]}
+    for kind, extra in options.items():
+        assert main(["imagenet", "--input", str(root / "in" / "train"), "--synsets",
+                     str(root / "in" / "LOC_synset_mapping.txt"), "--output", str(root / kind), "--seq-length",
+                     "2048", "--max-side", "256", "--workers", "1", "--shard-size", "5", *extra]) == 0
+    return root
+
+
+def test_solo_preprocess_pixels_writes_every_kind_and_reads_back_the_same_samples(imagenet_kinds):
+    root = imagenet_kinds
+    prefixes = {kind: shards.list_shards(root / kind) for kind in ("raw", "png", "jpeg")}
+    assert [len(p) for p in prefixes.values()] == [3, 3, 3]  # 12 images, 5 a shard
+    for k in range(3):
+        manifests = {kind: json.loads(Path(f"{p[k]}.json").read_text()) for kind, p in prefixes.items()}
+        assert manifests["jpeg"]["pixels"] == {"kind": "jpeg", "quality": 90, "subsampling": "4:4:4"}
+        assert manifests["png"]["pixels"] == {"kind": "png"} and manifests["raw"]["pixels"] == {"kind": "raw"}
+        raw, png, jpeg = (read_all(p[k]) for p in prefixes.values())
+        for a, b, c in zip(raw, png, jpeg, strict=True):
+            np.testing.assert_array_equal(a.tokens, c.tokens)
+            for x, y, z in zip(a.patches, b.patches, c.patches, strict=True):
+                np.testing.assert_array_equal(x, y)
+                assert z.shape == x.shape and 35 < psnr(x, z) < float("inf")
+    # The storage is part of the run's fingerprint: another kind into the same folder is refused.
+    assert main(["imagenet", "--input", str(root / "in" / "train"), "--synsets",
+                 str(root / "in" / "LOC_synset_mapping.txt"), "--output", str(root / "raw"), "--seq-length", "2048",
+                 "--max-side", "256", "--workers", "1", "--shard-size", "5", "--pixels", "png"]) == 2
+
+
+def test_stats_reports_bytes_per_vision_token_and_the_projected_size(imagenet_kinds, capsys):
+    for kind, label in (("raw", "raw"), ("jpeg", "jpeg (quality 90, 4:4:4)")):
+        folder = imagenet_kinds / kind
+        assert main(["stats", str(folder), "--tokens", "1.5B"]) == 0
+        out = capsys.readouterr().out
+        manifest = shards.read_folder_manifest(folder)
+        on_disk = {f.name: f.stat().st_size for f in folder.glob("shard-*.*.*")}
+        vision, tokens = manifest["totals"]["vision_tokens"], manifest["totals"]["tokens"]
+        pixel_bytes = sum(n for name, n in on_disk.items() if ".pixels." in name)
+        assert f"pixels: {label}, {pixel_bytes / vision:,.1f} bytes per vision token" in out, out
+        per_token = sum(on_disk.values()) / tokens
+        projected = f"{per_token * 1.5e9 / 1e12:,.2f} TB" if per_token * 1.5e9 >= 1e12 else \
+            f"{per_token * 1.5e9 / 1e9:,.2f} GB"
+        assert f"{per_token:,.1f} bytes per token; 1,500,000,000 tokens like these: {projected}" in out, out
+    assert "jpeg" in out and "raw" not in out  # the last folder's report is its own
+
+
+def exit_code(argv) -> int:
+    """main's status, argparse's errors (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pixels", "png", "--jpeg-quality", "80"], "--jpeg-quality applies to --pixels jpeg, not --pixels png"),
+    (["--jpeg-subsampling", "4:2:0"], "--jpeg-subsampling applies to --pixels jpeg, not --pixels raw"),
+    (["--pixels", "jpeg", "--jpeg-quality", "101"], "argument --jpeg-quality: must be <= 100, got 101"),
+    (["--pixels", "webp"], "--pixels: invalid choice: 'webp'"),
+])
+def test_pixel_options_are_checked_before_any_work(tmp_path, capsys, args, message):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    assert exit_code(["captions", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_stats_token_counts_are_checked(tmp_path, capsys):
+    assert exit_code(["stats", str(tmp_path), "--tokens", "22X"]) == 2
+    assert "--tokens: expected a number of tokens (22B, 4.5e9, 300M), got '22X'" in capsys.readouterr().err

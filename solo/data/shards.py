@@ -80,7 +80,7 @@ from solo.fileio import (
     temp_path,
 )
 from solo.tokenizer import SP_VOCAB_SIZE, TOKEN_IDS, VOCAB_SIZE
-from solo.vision import decode_stored_image, encode_stored_image
+from solo.vision import JPEG_SUBSAMPLINGS, PIXEL_KINDS, decode_stored_image, encode_stored_image
 
 # Shards are local files written by kernel copy under temp names: megatron-core's I/O must not go
 # through multi-storage-client (megatron_patches/local_files.py). Applied on import, since
@@ -93,8 +93,6 @@ BOS_ID = TOKEN_IDS.bos_id
 PATCH_ID = TOKEN_IDS.patch_id
 VISION_START_ID, VISION_END_ID, ROW_SEP_ID = TOKEN_IDS.vision_start_id, TOKEN_IDS.vision_end_id, TOKEN_IDS.row_sep_id
 LOSS_FLAGS = (0, 1)
-PIXEL_KINDS = ("raw", "jpeg", "png")
-JPEG_SUBSAMPLINGS = ("4:4:4", "4:2:2", "4:2:0")
 
 
 class ShardError(ValueError):
