@@ -5,11 +5,16 @@ it is decoded."""
 
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image, ImageFile
 
 import solo.data.shards as shards
@@ -18,7 +23,8 @@ from solo.demo_data import BENCHMARK_PHOTOS, PHOTOS, skimage_photo, write_imagen
 from solo.preprocess.cli import main
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import encode_image, image_token_ids
-from tests.shard_fixtures import image_documents, text_documents
+from tests.shard_fixtures import image_documents, text_documents, write_sources
+from tests.torchrun import free_port
 
 PATCH = 32
 SEQ = 4096
@@ -278,3 +284,37 @@ def test_pixel_options_are_checked_before_any_work(tmp_path, capsys, args, messa
 def test_stats_token_counts_are_checked(tmp_path, capsys):
     assert exit_code(["stats", str(tmp_path), "--tokens", "22X"]) == 2
     assert "--tokens: expected a number of tokens (22B, 4.5e9, 300M), got '22X'" in capsys.readouterr().err
+
+
+def train(config: Path) -> list[float]:
+    """solo.train as one process (TP=1) on CPU; the losses of metrics.jsonl, a row per step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-m", "solo.train", str(config)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    save_dir = Path(yaml.safe_load(config.read_text())["save_dir"])
+    rows = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
+
+
+@pytest.mark.distributed
+def test_training_on_jpeg_shards_resumes_exactly(tmp_path):
+    """Four steps on JPEG shards, checkpoints at 2 and 4; the run rolled back to step 2 and resumed
+    decodes the same images for steps 3 and 4 and gives the same losses, bit for bit."""
+    sources = write_sources(tmp_path / "shards", pixels="jpeg")
+    assert open_shard(shards.list_shards(sources["images"])[0]).storage.kind == "jpeg"
+    config = tmp_path / "jpeg.yaml"
+    config.write_text(yaml.safe_dump({
+        "stage": "stage1", "model": {"preset": "tiny", "patch_size": PATCH}, "parallel": {"tensor_parallel": 1},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "lr_warmup_steps": 2},
+        "data": {"seq_length_tokens": 256, "sources": [
+            {"name": name, "path": str(sources[name]), "fraction": fraction}
+            for name, fraction in (("images", 0.7), ("text", 0.3))]},
+        "train_steps": 4, "global_batch_size": 4, "precision": "fp32", "save_dir": str(tmp_path / "run"),
+        "save_interval_steps": 2, "wandb_mode": "disabled"}))
+    reference = train(config)
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    shutil.rmtree(tmp_path / "run" / "iter_0000004")
+    (tmp_path / "run" / "latest").write_text("iter_0000002\n")
+    assert train(config) == reference
