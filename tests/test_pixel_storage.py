@@ -185,6 +185,21 @@ def test_a_stored_image_that_disagrees_with_its_grid_is_refused_before_decoding(
     assert all(size == (96, 64) for size in decoded), decoded  # nothing of another size was decoded
 
 
+def test_image_grids_are_read_from_the_token_layout(tok):
+    shapes = [(2, 3), (1, 1), (4, 1), (1, 5)]
+    tokens = [tok.bos_id]
+    for rows, cols in shapes:
+        tokens += image_token_ids(rows, cols, tok) + [100]
+    assert shards.image_grids(np.array(tokens, np.int32)) == shapes
+    v, p, sep, end = tok.vision_start_id, tok.patch_id, tok.row_sep_id, tok.vision_end_id
+    for bad in ([v, end], [v, sep, end], [v, p, p, sep, p, end], [v, p, sep, sep, p, end], [v, p, 100, end]):
+        with pytest.raises(ValueError, match="the image at token 0 is not a grid of <vpatch> rows"):
+            shards.image_grids(np.array(bad, np.int32))
+    for bad in ([end, v, p, end], [v, p, v, p, end, end], [v, p]):
+        with pytest.raises(ValueError, match="do not pair up"):
+            shards.image_grids(np.array(bad, np.int32))
+
+
 def test_encoded_storage_needs_each_image_as_a_token_grid(tmp_path, tok):
     # <vpatch> tokens outside a <vision> span: raw storage takes them, jpeg has no grid to store.
     tokens = [tok.bos_id, tok.patch_id, tok.patch_id, tok.eos_id]

@@ -202,8 +202,8 @@ def image_grids(tokens: np.ndarray) -> list[tuple[int, int]]:
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
         span = tokens[start + 1:end]
         rows = int(np.count_nonzero(span == ROW_SEP_ID)) + 1
-        cols = (len(span) + 1) // rows - 1
-        expected = np.full(rows * (cols + 1) - 1, PATCH_ID, np.int32)
+        cols = (len(span) + 1) // rows - 1  # each row is cols <vpatch> and one separator, but the last
+        expected = np.full(max(rows * (cols + 1) - 1, 0), PATCH_ID, np.int32)
         expected[cols::cols + 1] = ROW_SEP_ID
         if cols < 1 or not np.array_equal(span, expected):
             raise ValueError(f"the image at token {start} is not a grid of <vpatch> rows")
