@@ -492,7 +492,7 @@ def skipped(root, reference) -> dict[str, Path]:
         save_dir = root / "runs" / f"{fault}-skip"
         cfg = config(root, save_dir, save_interval_steps=1, keep_checkpoints=STEPS, nonfinite_loss="skip")
         proc = launch(cfg, env={"SOLO_FAULT_INJECT": f"{fault}@step=3"})
-        log = output(proc)
+        log = output(proc, timeout=600)  # 6 steps and 6 checkpoints: the other runs save 3
         assert proc.returncode == 0, log[-4000:]
         assert re.search(f"{FAULTS[fault]}; skipping this batch", log), log[-4000:]
         runs[fault] = save_dir
