@@ -30,17 +30,14 @@ import numpy as np
 import zstandard
 from PIL import Image
 
-from solo.demo_data import python_docstrings
+from solo.demo_data import BENCHMARK_PHOTOS, python_docstrings
 from solo.preprocess.documents import Layout
 from solo.preprocess.pipeline import Options, _import_megatron, write_shard
 from solo.preprocess.sources import ImageNetSource, StreamSource
 from solo.tokenizer import SOLOTokenizer
 from solo.vision import resize_for_patches, target_size
 
-PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
-          "coffee.png", "coins.png", "color.png", "grass.png", "gravel.png", "hubble_deep_field.jpg",
-          "ihc.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg",
-          "rocket.jpg", "text.png")
+PHOTOS = BENCHMARK_PHOTOS
 MODULES = ("json", "tarfile", "pathlib", "argparse", "collections", "functools", "itertools", "textwrap",
            "string", "random", "statistics", "fractions", "decimal", "heapq", "bisect", "shutil", "tempfile",
            "logging", "dataclasses", "enum", "typing", "csv", "os", "re", "subprocess", "threading",

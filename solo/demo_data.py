@@ -44,6 +44,13 @@ PHOTOS: dict[str, tuple[str, str]] = {
     "clock_motion.png": ("clock", "A wall clock blurred by motion."),
 }
 
+# The pictures of skimage/data that benchmarks/preprocess.py measures (photographs, micrographs,
+# scans; no logo or synthetic pattern), and that tests/test_pixel_storage.py holds to its numbers.
+BENCHMARK_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+                    "coffee.png", "coins.png", "color.png", "grass.png", "gravel.png", "hubble_deep_field.jpg",
+                    "ihc.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png",
+                    "retina.jpg", "rocket.jpg", "text.png")
+
 TEXT_MODULES = ("json", "tarfile", "pathlib", "argparse", "collections", "functools", "itertools",
                 "textwrap", "string", "random", "statistics", "fractions", "decimal", "heapq",
                 "bisect", "shutil", "tempfile", "logging", "dataclasses", "enum", "typing", "csv")

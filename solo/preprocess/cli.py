@@ -9,7 +9,8 @@
     solo-preprocess sft      --input llava.json --images llava/images --output shards/llava [--template chatml]
     solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama \
                              --exclude-subsets RedPajamaCommonCrawl,RedPajamaC4
-    solo-preprocess stats shards/cc3m [--per-shard]
+    solo-preprocess captions --input 'cc3m/*' --output shards/cc3m-jpeg --pixels jpeg   (the image as JPEG q95)
+    solo-preprocess stats shards/cc3m [--per-shard] [--tokens 22B]
 
 argparse lives here only. Arguments and inputs are checked before any work: a wrong one exits
 with status 2 and a message naming the path. So does an OS error during the run (a full disk, an
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from solo.preprocess.formats import STREAM_SUFFIXES, TAR_SUFFIXES, InputError, parse_fields, stream_format
 from solo.templates import SFT_TEMPLATES
+from solo.vision import JPEG_SUBSAMPLINGS, PIXEL_KINDS
 
 # Records per shard: enough tokens per shard that the last, partly filled sample costs < 1% at
 # seq_length 32768 (e.g. 8192 ImageNet images of ~300 tokens = 75 samples), few enough that a
@@ -91,6 +93,35 @@ def _int_at_least(least: int):
 positive, non_negative = _int_at_least(1), _int_at_least(0)
 
 
+_TOKEN_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def token_count(text: str) -> int:
+    """An argparse type: a positive number of tokens, `22B`, `4.5e9`, `300M`, `22000000000`."""
+    scale = _TOKEN_SUFFIXES.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens (22B, 4.5e9, 300M), got {text!r}") from None
+    if not 1 <= value < 1e18:
+        raise argparse.ArgumentTypeError(f"must be at least 1 token, got {text!r}")
+    return round(value)
+
+
+token_count.__name__ = "token count"
+
+
+def _int_in(low: int, high: int):
+    at_least = _int_at_least(low)
+
+    def parse(text: str) -> int:
+        if (value := at_least(text)) > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output", required=True, help="folder of shards (created; a rerun resumes it)")
@@ -105,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per shard (default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_SHARD_SIZE.items()) + ")")
     common.add_argument("--seed", type=non_negative, default=0, help="record and document order (>= 0)")
+    common.add_argument("--pixels", choices=PIXEL_KINDS, default="raw",
+                        help="how shards store images: raw uint8 patches (3,072 B per vision token, read by memory "
+                        "map), or the resized image as one jpeg or png file, decoded when read (README, pixel storage)")
+    common.add_argument("--jpeg-quality", type=_int_in(1, 100), default=None,
+                        help="--pixels jpeg: quality (default 95)")
+    common.add_argument("--jpeg-subsampling", choices=JPEG_SUBSAMPLINGS, default=None,
+                        help="--pixels jpeg: chroma subsampling (default 4:4:4, full colour resolution)")
 
     parser = argparse.ArgumentParser(prog="solo-preprocess", description=__doc__.split("\n\nargparse")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
+    p.add_argument("--tokens", type=token_count, default=None, metavar="N",
+                   help="project the folder's bytes per token onto N tokens (22B, 4.5e9, 300M; default: "
+                   "22B, the paper's three stages)")
     return parser
 
 
@@ -266,6 +307,8 @@ def _check_options(args) -> None:
     # Each value alone is checked by its argparse type; here what depends on several, or on files.
     if args.max_side % args.patch_size:
         raise InputError(f"--max-side {args.max_side} is not a multiple of --patch-size {args.patch_size}")
+    if args.pixels != "jpeg" and (given := [f for f in ("jpeg_quality", "jpeg_subsampling") if getattr(args, f)]):
+        raise InputError(f"--{given[0].replace('_', '-')} applies to --pixels jpeg, not --pixels {args.pixels}")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise InputError(f"--output {args.output} exists and is not a folder")
     _require(args.tokenizer, "--tokenizer")
@@ -282,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stats":
             from solo.preprocess.stats import report
 
-            text, documents = report(args.folder, per_shard=args.per_shard)
+            text, documents = report(args.folder, per_shard=args.per_shard,
+                                     **({"tokens": args.tokens} if args.tokens else {}))
             print(text)
             if documents == 0:
                 raise ShardError(f"{args.folder}: its shards hold no documents (every record was skipped)")
@@ -295,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = SOLOTokenizer(args.tokenizer) if args.tokenizer else SOLOTokenizer.default()
         options = Options(args.seq_length, args.patch_size, args.max_side, args.seed,
-                          args.shard_size or DEFAULT_SHARD_SIZE[args.command])
+                          args.shard_size or DEFAULT_SHARD_SIZE[args.command], _pixel_storage(args))
         layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side,
                         image_first=getattr(args, "image_position", "first") == "first",
                         template=args.template if args.command == "sft" else "plain")
@@ -314,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         print("solo-preprocess: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130
     return 0
+
+
+def _pixel_storage(args):
+    from solo.data.shards import PixelStorage
+
+    return PixelStorage(args.pixels, args.jpeg_quality or 95, args.jpeg_subsampling or "4:4:4")
 
 
 def _disk_full(error_number: int | None) -> str:

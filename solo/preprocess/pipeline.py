@@ -24,12 +24,12 @@ import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
+from solo.data.shards import PackedSample, PatchesInFile, PixelStorage, ShardWriter
 from solo.fileio import discard, naming, temp_path
 from solo.preprocess import __version__, output
 from solo.preprocess.documents import Document, Layout, Skip, build, padded_images, template_of
@@ -59,6 +59,7 @@ class Options:
     max_side: int
     seed: int
     shard_size: int
+    pixels: PixelStorage = field(default_factory=PixelStorage)  # how shards store images (solo.data.shards)
 
 
 def shard_prefix(out: Path, k: int) -> Path:
@@ -97,7 +98,8 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
     """Read, build, pack and write shard `task.index`; returns its manifest."""
     prefix = shard_prefix(out, task.index)
     writer = ShardWriter(prefix, options.patch_size, options.seq_length,
-                         stop_id=get_template(template_of(spec_kind, layout)).stop_id)
+                         stop_id=get_template(template_of(spec_kind, layout)).stop_id, pixels=options.pixels.kind,
+                         jpeg_quality=options.pixels.jpeg_quality, jpeg_subsampling=options.pixels.jpeg_subsampling)
     spill = _Spill(temp_path(f"{prefix}.spill"))
     try:
         docs: list[tuple[np.ndarray, np.ndarray, list]] = []
