@@ -2,7 +2,7 @@
 
     python3 benchmarks/data_loader.py                     # the paper's shape: GBS 128 on DP 4, 32,768 tokens
     python3 benchmarks/data_loader.py --step-seconds 60   # against a given step time instead of the H100 log's
-    python3 benchmarks/data_loader.py --cpu-smoke         # 2,048-token rows, for the test suite
+    python3 benchmarks/data_loader.py --cpu-smoke         # 1,024-token rows, for the test suite
 
 Rows are image-heavy packed samples of scikit-image's photographs resized by the SOLO rule
 (`solo.vision.encode_image`, sides up to 1,024) with their captions, written as real shards of each
@@ -154,10 +154,10 @@ def main() -> int:
     parser.add_argument("--max-side", type=int, default=1024)
     parser.add_argument("--step-seconds", type=float, default=None, help="the step time to compare with")
     parser.add_argument("--cpu-smoke", action="store_true",
-                        help="2,048-token rows of small images, 1 step, 1 worker measured")
+                        help="1,024-token rows of small images, 1 step, 1 worker measured")
     args = parser.parse_args()
     if args.cpu_smoke:
-        args.seq, args.global_batch, args.rows, args.steps, args.max_side = 2048, 8, 2, 1, 256
+        args.seq, args.global_batch, args.rows, args.steps, args.max_side = 1024, 8, 2, 1, 128
     samples = args.global_batch // args.dp
     step_s, source = (args.step_seconds, "given (--step-seconds)") if args.step_seconds else \
         step_seconds_from_log(samples, args.seq)
