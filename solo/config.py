@@ -121,6 +121,9 @@ class DataConfig:
     # The template the stage's supervised (sft) shards are laid out in (solo.templates); every sft
     # shard must say the same in its manifest. "plain": the stage has no supervised data.
     template: str = "plain"
+    # Processes that read, decode and collate the next steps (solo.data.loader); 0: the read-ahead
+    # thread does it. null: the rank's share of the node's cores less one, at most 8.
+    loader_workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,7 @@ FIELD_RULES: dict[str, Rule] = {
     "data.seq_length_tokens": POSITIVE,
     "data.seed": NON_NEGATIVE,  # numpy's seeded generators refuse negative seeds
     "data.template": one_of(*sorted(TEMPLATES)),
+    "data.loader_workers": Rule(lambda v: v is None or v >= 0, "must be null (from the cores per rank) or >= 0"),
     "train_steps": NON_NEGATIVE,  # 0: one epoch
     "global_batch_size": POSITIVE,
     "micro_batch_size": POSITIVE,

@@ -53,6 +53,7 @@ from solo.checkpoint import (
 from solo.config import ConfigError, ParallelConfig, TrainConfig, load_config
 from solo.data.batch import PackedBatch, attention_inputs, broadcast_batch
 from solo.data.dataset import StageData
+from solo.data.loader import default_workers
 from solo.data.prefetch import StepPrefetcher
 from solo.data.shards import ShardError
 from solo.distributed import destroy_distributed, device, init_distributed
@@ -124,8 +125,10 @@ def train(cfg: TrainConfig) -> dict:
     # One rank per tensor-parallel group reads (`train_step` broadcasts to the others); image bytes
     # are read on the first pipeline stage only, the only one with the patch embedding.
     reads = parallel_state.get_tensor_model_parallel_rank() == 0
+    workers = default_workers(cfg.data.loader_workers)
+    log.info(f"data: {workers} loader worker processes" if workers else "data: read on the read-ahead thread")
     with StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, TOKEN_IDS.pad_id, reads=reads,
-                        with_patches=parallel_state.is_pipeline_first_stage()) as prefetch:
+                        with_patches=parallel_state.is_pipeline_first_stage(), workers=workers) as prefetch:
         while step < steps:
             started = time.perf_counter()
             micro_batches = prefetch.get(step)  # read and collated (on the CPU) while the last step ran
