@@ -124,6 +124,23 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    """Greedy generation on held-out labelled images during training (`solo.probe`): does the model see?"""
+
+    # A folder of `solo-preprocess imagenet` shards (documents `<s> IMAGE name</s>`) kept out of
+    # training; "": no probe.
+    path: str = ""
+    interval_steps: int = 0  # probe every this many steps, and after the last; 0: never
+    images: int = 64  # the first this many image documents of the folder (bounds the probe's cost)
+    max_new_tokens: int = 8  # generated tokens per image at most (bounds it too)
+    # exact: the generated text is the label (stage 1, class names); contains: the text names the
+    # label as a word, any case (a caption that names the labelled object, stages 2-3).
+    match: str = "exact"
+    template: str = "plain"  # the prompt layout (solo.templates); plain: the image alone, as in pretraining
+    prompt: str = ""  # text after the image (plain) or the user turn (solo-inst, chatml)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training stage."""
 
@@ -132,6 +149,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     train_steps: int = 0  # 0: one epoch over the blend, derived from the shard manifests
     global_batch_size: int = 128
     micro_batch_size: int = 1
@@ -177,6 +195,9 @@ class TrainConfig:
              f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor_parallel={tp}"),
             (m.max_image_side % m.patch_size == 0, "model.max_image_side must be a multiple of model.patch_size"),
             (not p.sequence_parallel or p.tensor_parallel > 1, "parallel.sequence_parallel needs tensor_parallel > 1"),
+            (bool(self.probe.path) == (self.probe.interval_steps > 0),
+             f"probe.path={self.probe.path!r} and probe.interval_steps={self.probe.interval_steps} go together: "
+             "set both (a folder of held-out solo-preprocess imagenet shards, and how often) or neither"),
         ]
         # Packed rows are not split across context-parallel ranks (no THD partitioning, no CP-aware
         # patch indexing), so CP > 1 is refused up front instead of failing at build or in RoPE.
@@ -258,6 +279,13 @@ FIELD_RULES: dict[str, Rule] = {
     "data.seq_length_tokens": POSITIVE,
     "data.seed": NON_NEGATIVE,  # numpy's seeded generators refuse negative seeds
     "data.template": one_of(*sorted(TEMPLATES)),
+    "probe.path": FREE,  # "": no probe; the folder is checked when the run starts
+    "probe.interval_steps": NON_NEGATIVE,  # 0: no probe
+    "probe.images": POSITIVE,
+    "probe.max_new_tokens": POSITIVE,
+    "probe.match": one_of("exact", "contains"),
+    "probe.template": one_of(*sorted(TEMPLATES)),
+    "probe.prompt": FREE,
     "train_steps": NON_NEGATIVE,  # 0: one epoch
     "global_batch_size": POSITIVE,
     "micro_batch_size": POSITIVE,

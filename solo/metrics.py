@@ -115,7 +115,9 @@ class MetricsLogger:
         if self.is_writer:
             print(f"[solo {self.cfg.stage}] {message}", flush=True)
 
-    def step(self, step: int, stats: dict, lr: float, grad_norm, seconds: float, flops: float) -> None:
+    def step(self, step: int, stats: dict, lr: float, grad_norm, seconds: float, flops: float,
+             extra: dict | None = None) -> None:
+        """`seconds`: the step's; `extra`: numbers measured after it (the probe's), logged with it."""
         if not self.is_writer:
             return
         tokens_per_s = stats["tokens"] / seconds
@@ -127,19 +129,20 @@ class MetricsLogger:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_s": tokens_per_s, "step_s": seconds,
             "mfu": flops / seconds / (self.peak * self.world) if self.peak else None,
-            "memory_gb": memory_gb,
+            "memory_gb": memory_gb, **(extra or {}),
         }
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-        if step % self.cfg.log_interval_steps == 0 or step == self.total_steps:
+        if step % self.cfg.log_interval_steps == 0 or step == self.total_steps or extra:
             fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
             print(
                 f"[solo {self.cfg.stage}] step {step}/{self.total_steps} | loss {record['loss']:.4f} "
                 f"| vl {fmt(record['vl_loss'], '.4f')} | text {fmt(record['text_loss'], '.4f')} "
                 f"| lr {lr:.3e} | grad {fmt(record['grad_norm'], '.3f')} | {tokens_per_s:,.0f} tok/s "
-                f"| mfu {fmt(record['mfu'], '.1%')} | mem {memory_gb:.2f} GB",
+                f"| mfu {fmt(record['mfu'], '.1%')} | mem {memory_gb:.2f} GB"
+                + "".join(f" | {k} {v:.4g}" for k, v in (extra or {}).items()),
                 flush=True,
             )
 

@@ -60,6 +60,7 @@ from solo.faults import inject_into_forward_step
 from solo.metrics import MetricsLogger, attention_pairs, training_flops
 from solo.model import SOLOModel, build_model
 from solo.plan import check_fits, print_plan
+from solo.probe import build_probe
 from solo.run_guard import guard_run
 from solo.tokenizer import TOKEN_IDS
 
@@ -103,6 +104,7 @@ def train(cfg: TrainConfig) -> dict:
     num_microbatches(cfg)
     data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size, cfg.model.vocab_size)
     resume, init = _checkpoints_to_load(cfg)
+    probe = build_probe(cfg.probe, cfg.save_dir, cfg.model.patch_size)  # held-out images answered greedily (solo.probe)
 
     # 2. Model, optimizer, schedule, and the state they start from.
     training = build_training(cfg, data.train_steps)
@@ -135,8 +137,10 @@ def train(cfg: TrainConfig) -> dict:
                     raise NonFiniteLoss(f"{done.fault}; stopping. {good_checkpoint_label(last_saved)}")
                 log.info(f"{done.fault}; skipping this batch (nonfinite_loss=skip)")
             step += 1
+            seconds = time.perf_counter() - started
+            probed = probe.after_step(training, step, steps) if probe else {}
             log.step(step, dataclasses.asdict(done.stats), lr=done.lr, grad_norm=done.grad_norm,
-                     seconds=time.perf_counter() - started, flops=done.flops)
+                     seconds=seconds, flops=done.flops, extra=probed)
             result["losses"].append(done.stats.loss)
 
             preempted = stop.agreed()
