@@ -198,6 +198,10 @@ class TrainConfig:
             (bool(self.probe.path) == (self.probe.interval_steps > 0),
              f"probe.path={self.probe.path!r} and probe.interval_steps={self.probe.interval_steps} go together: "
              "set both (a folder of held-out solo-preprocess imagenet shards, and how often) or neither"),
+            # solo.probe would take the next id from the last stage; that path has no test yet.
+            (not self.probe.path or p.pipeline_parallel == 1,
+             f"probe.path with parallel.pipeline_parallel={p.pipeline_parallel}: the probe runs at "
+             "pipeline_parallel 1 only (any TP x DP); probe the checkpoints with solo-generate instead"),
         ]
         # Packed rows are not split across context-parallel ranks (no THD partitioning, no CP-aware
         # patch indexing), so CP > 1 is refused up front instead of failing at build or in RoPE.

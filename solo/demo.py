@@ -5,8 +5,9 @@
 Phases, each a real command a user would run: build inputs (`solo.demo_data`), `solo-preprocess`
 for each source, `solo-train` for stages 1 -> 2 -> 3 under torchrun (TP=2 on 2 gloo ranks),
 `solo-convert solo-to-hf`, then greedy generation with the exported `FuyuForCausalLM`. After
-stage 1 the model must name the class of each training photograph; the demo reports that
-accuracy, a summary table and a PNG of the loss curves.
+stage 1 the model must name the class of each training photograph (memory) and of held-out
+handwritten digits it never saw (seeing: the training loop's probe, `solo.probe`, on scikit-learn's
+digits, chance 10%); the demo reports both, a summary table and a PNG of the loss and probe curves.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from solo import demo_data
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("stage1", "stage2", "stage3")
 # --quick: the same phases at the smallest size that still exercises every code path (tests).
-QUICK = {"photos": 4, "images_per_class": 1, "texts": 8, "steps": {"stage1": 4, "stage2": 2, "stage3": 2}}
+QUICK = {"photos": 4, "images_per_class": 1, "texts": 8, "digits": 100,
+         "steps": {"stage1": 4, "stage2": 2, "stage3": 2}}
+DIGITS_TARGET = 0.9  # held-out digit accuracy after stage 1 (chance: 0.1)
+DIGIT_SIDE = 32  # the 8x8 scans upscaled to one patch of the tiny-demo model (patch_size 32)
 
 
 class Phases:
@@ -48,9 +52,11 @@ def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
 
 
-def build_inputs(out: Path, photos: dict, images_per_class: int, texts: int | None) -> Path:
+def build_inputs(out: Path, photos: dict, images_per_class: int, texts: int | None, digits: int | None,
+                 digit_side: int) -> Path:
     inputs = out / "inputs"
     demo_data.write_imagenet(inputs / "imagenet", photos, images_per_class)
+    demo_data.write_digits(inputs / "digits", digit_side, digits)
     demo_data.write_caption_tar(inputs / "captions" / "00000.tar", photos)
     demo_data.write_llava(inputs / "sft" / "conversations.json", inputs / "sft" / "images", photos)
     corpus = demo_data.python_docstrings()
@@ -62,13 +68,16 @@ def preprocess(inputs: Path, shards: Path, seq_length: int, max_side: int) -> No
     common = ["--seq-length", str(seq_length), "--max-side", str(max_side), "--workers", "2", "--seed", "0"]
     sh("solo-preprocess", "imagenet", "--input", str(inputs / "imagenet" / "train"),
        "--synsets", str(inputs / "imagenet" / "LOC_synset_mapping.txt"), "--output", str(shards / "imagenet"), *common)
+    for split, name in (("train", "digits"), ("heldout", "digits-heldout")):
+        sh("solo-preprocess", "imagenet", "--input", str(inputs / "digits" / split),
+           "--synsets", str(inputs / "digits" / "LOC_synset_mapping.txt"), "--output", str(shards / name), *common)
     sh("solo-preprocess", "captions", "--input", str(inputs / "captions" / "*.tar"),
        "--output", str(shards / "captions"), *common)
     sh("solo-preprocess", "sft", "--input", str(inputs / "sft" / "conversations.json"),
        "--images", str(inputs / "sft" / "images"), "--output", str(shards / "sft"), *common)
     sh("solo-preprocess", "text", "--input", str(inputs / "text" / "*.jsonl.zst"),
        "--output", str(shards / "text"), *common)
-    for name in ("imagenet", "captions", "sft", "text"):
+    for name in ("imagenet", "digits", "digits-heldout", "captions", "sft", "text"):
         sh("solo-preprocess", "stats", str(shards / name))
 
 
@@ -152,8 +161,10 @@ def summarize(out: Path, phases: Phases, stage1_rows: list[dict], final_rows: li
                          "final_vl": rows[-1]["vl_loss"], "final_text": rows[-1]["text_loss"], "steps": len(rows)}
     png = plot_runs([out / "runs" / s for s in STAGES], out / "loss_curves.png")
     accuracy = sum(r["correct"] for r in stage1_rows) / len(stage1_rows)
+    digits = heldout_digits(out)
     summary = {"shards": shards, "losses": losses, "seconds": phases.seconds, "stage1_accuracy": accuracy,
-               "stage1_generations": stage1_rows, "final_generations": final_rows, "loss_curves": str(png)}
+               "heldout_digits": digits, "stage1_generations": stage1_rows, "final_generations": final_rows,
+               "loss_curves": str(png)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     print("\n" + "=" * 78)
@@ -168,6 +179,12 @@ def summarize(out: Path, phases: Phases, stage1_rows: list[dict], final_rows: li
     print("\nphase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.seconds.items())
           + f" (total {sum(phases.seconds.values()):.0f} s)")
     print(f"\nstage-1 model names the training photographs: {accuracy:.0%} correct")
+    print("held-out digits (the probe in training, greedy, never trained on; chance 10%; stage 1: the name, "
+          "later stages: named in the caption):")
+    for stage, d in digits.items():
+        curve = ", ".join(f"step {s} {a:.0%}" for s, a in d["curve"])
+        print(f"  {stage:<8} {d['accuracy']:.1%} of {d['images']} ({curve}; {d['seconds_per_probe']:.1f} s a probe, "
+              f"{d['share_of_training']:.1%} of the stage's time)")
     for r in stage1_rows:
         print(f"  {'ok ' if r['correct'] else 'BAD'} {r['photo']:<24} label {r['label']!r:<18} said {r['generated']!r}")
     print("\nfinal model (after stage 3), `solo-generate` on the photograph alone, greedy:")
@@ -175,6 +192,21 @@ def summarize(out: Path, phases: Phases, stage1_rows: list[dict], final_rows: li
         print(f"  {r['photo']:<24} label {r['label']!r:<18} -> {r['generated']!r}")
     print(f"\nloss curves: {png}\nsummary:     {out / 'summary.json'}")
     return summary
+
+
+def heldout_digits(out: Path) -> dict:
+    """Per stage: the probe's last accuracy, its curve, and what it cost (from metrics.jsonl)."""
+    result = {}
+    for stage in STAGES:
+        rows = [json.loads(line) for line in (out / "runs" / stage / "metrics.jsonl").read_text().splitlines()]
+        probes = [r for r in rows if "probe_accuracy" in r]
+        if not probes:
+            continue
+        probe_s, step_s = sum(r["probe_s"] for r in probes), sum(r["step_s"] for r in rows)
+        result[stage] = {"accuracy": probes[-1]["probe_accuracy"], "images": probes[-1]["probe_images"],
+                         "curve": [(r["step"], r["probe_accuracy"]) for r in probes],
+                         "seconds_per_probe": probe_s / len(probes), "share_of_training": probe_s / (probe_s + step_s)}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     phases = Phases()
     inputs = phases.run("inputs", build_inputs, out, photos, quick["images_per_class"] if quick else 3,
-                        quick["texts"] if quick else None)
+                        quick["texts"] if quick else None, quick["digits"] if quick else None, DIGIT_SIDE)
     phases.run("preprocess", preprocess, inputs, out / "shards", seq_length, max_side)
     for stage in STAGES:
         config = stage_config(out, stage, quick["steps"][stage] if quick else None)
@@ -206,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         wrong = [r["photo"] for r in stage1_rows if not r["correct"]]
         print(f"\nCHECK FAILED: after stage 1 the model misnames {len(wrong)} of {len(stage1_rows)} training "
               f"photographs ({', '.join(wrong)}): it did not learn stage 1", file=sys.stderr)
+        return 1
+    digits = summary["heldout_digits"]["stage1"]
+    if not quick and digits["accuracy"] < DIGITS_TARGET:
+        print(f"\nCHECK FAILED: after stage 1 the model names {digits['accuracy']:.1%} of {digits['images']} "
+              f"held-out digits, below {DIGITS_TARGET:.0%}: it did not learn to read them", file=sys.stderr)
         return 1
     return 0
 

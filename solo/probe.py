@@ -9,15 +9,16 @@ class names) or `contains` (stages 2-3: the caption names the labelled object). 
 the accuracy with the step (console, metrics.jsonl, wandb) and `solo-plot` draws it; the
 generations of each probe are kept in `SAVE_DIR/probe/step_NNNNNNN.json`.
 
-megatron-core runs it, on every rank layout: the model's own forward through the same schedule as
-training (`get_forward_backward_func`, forward only: pipeline stages pass activations as in
-training), the vocabulary-parallel logits of the last position gathered over tensor parallelism
-(`gather_from_tensor_model_parallel_region`); data-parallel ranks take every dp-th image and the
-counts are summed over the data-parallel group. Decoding re-runs the forward on the grown sequence
-(no KV cache): for p prompt tokens and n new ones that is n forwards of about p + n tokens per image,
-bounded by `probe.images` x `probe.max_new_tokens`. As `solo-generate`, every id >= 32000 but the
-template's stop id is suppressed (`solo.templates`). The probe changes nothing in training: no
-gradient, the RNG states restored, the model back in the mode it was in.
+megatron-core runs it, under any tensor and data parallelism (pipeline parallelism is refused by
+the config): the model's own forward through the same schedule as training
+(`get_forward_backward_func`, forward only), the vocabulary-parallel logits of the last position
+gathered over tensor parallelism (`gather_from_tensor_model_parallel_region`); data-parallel ranks
+take every dp-th image and the counts are summed over the data-parallel group. Decoding re-runs the
+forward on the grown sequence (no KV cache): for p prompt tokens and n new ones that is n forwards
+of about p + n tokens per image, bounded by `probe.images` x `probe.max_new_tokens`. As
+`solo-generate`, every id >= 32000 but the template's stop id is suppressed (`solo.templates`). The
+probe changes nothing in training: no gradient, the RNG states restored, the model back in the mode
+it was in.
 """
 
 from __future__ import annotations
@@ -225,8 +226,4 @@ def _next_tokens(training, rows: list[list[int]], patches: list[np.ndarray], all
     seq, micro = activation_shape(backend, seq_length, len(rows))
     out = training.forward_backward(forward_step_func=forward_step, data_iterator=iter([batch]), model=[training.ddp],
                                     num_microbatches=1, seq_length=seq, micro_batch_size=micro, forward_only=True)
-    ids = out[0]["next"] if out else torch.zeros(len(rows), dtype=torch.int64, device=device())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # the last stage computed them
-        dist.broadcast(ids, parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-    return ids.tolist()
+    return out[0]["next"].tolist()  # pipeline_parallel 1 (TrainConfig.validate): this stage is the last

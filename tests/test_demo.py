@@ -18,7 +18,7 @@ def test_demo_quick_runs_every_phase(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
-    for source in ("imagenet", "captions", "sft", "text"):  # preprocess
+    for source in ("imagenet", "digits", "digits-heldout", "captions", "sft", "text"):  # preprocess
         prefixes = list_shards(out / "shards" / source)
         assert prefixes and len(open_shard(prefixes[0], verify_checksum=True)) > 0
     for stage in ("stage1", "stage2", "stage3"):  # training, chained
@@ -39,3 +39,7 @@ def test_demo_quick_runs_every_phase(tmp_path):
     with Image.open(summary["loss_curves"]) as png:
         assert png.size[0] > 100
     assert "stage-1 model names the training photographs" in proc.stdout
+    # the probe after each stage's last step, on the 20 held-out digits of the first 100
+    assert [summary["heldout_digits"][s]["images"] for s in ("stage1", "stage2", "stage3")] == [20, 20, 20]
+    assert 0.0 <= summary["heldout_digits"]["stage1"]["accuracy"] <= 1.0
+    assert "held-out digits" in proc.stdout
