@@ -121,6 +121,10 @@ class DataConfig:
     # The template the stage's supervised (sft) shards are laid out in (solo.templates); every sft
     # shard must say the same in its manifest. "plain": the stage has no supervised data.
     template: str = "plain"
+    # Validation data (held out of training: solo-preprocess --holdout-fraction writes
+    # <output>/heldout; any shard folder will do), blended by the fractions as `sources` are.
+    # Evaluated every `eval_interval_steps` on the first `eval_samples` samples of its blend.
+    eval_sources: tuple[DataSource, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,10 @@ class TrainConfig:
     save_interval_steps: int = 50
     keep_checkpoints: int = 2
     log_interval_steps: int = 1
+    # Validation loss (overall, vision-language, text) on data.eval_sources every this many steps
+    # and at the last step; 0: none. The same `eval_samples` samples every time (solo.evaluate).
+    eval_interval_steps: int = 0
+    eval_samples: int = 64
     nonfinite_loss: str = "stop"  # "stop" or "skip" the batch
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "solo-megatron"
@@ -179,7 +187,6 @@ class TrainConfig:
             if not rule.holds(value):
                 raise ConfigError(f"{key}={value!r} {rule.says}")
         p, m, o, tp = self.parallel, self.model, self.optimizer, self.parallel.tensor_parallel
-        names = [s.name for s in self.data.sources]
 
         def divisible(a: str, b: str) -> tuple[bool, str]:
             x, y = _get(self, a), _get(self, b)
@@ -211,12 +218,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for i, name in enumerate(names):
-            if name in names[:i]:  # overrides reach a source by name (data.sources.<name>.fraction)
-                raise ConfigError(f"data.sources[{i}].name {name!r} is used twice")
-        fractions = [s.fraction for s in self.data.sources]
-        if fractions and not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-            raise ConfigError(f"data.sources fractions must be positive and sum to 1, got {fractions}")
+        for key, sources in (("data.sources", self.data.sources), ("data.eval_sources", self.data.eval_sources)):
+            _check_blend(key, sources)
+        if self.eval_interval_steps and not self.data.eval_sources:
+            raise ConfigError(f"eval_interval_steps={self.eval_interval_steps} needs data.eval_sources (held-out "
+                              "shard folders, e.g. solo-preprocess --holdout-fraction's <output>/heldout)")
         return self
 
     def _recompute_checks(self) -> list[tuple[bool, str]]:
@@ -233,6 +239,16 @@ class TrainConfig:
              f"recompute_method uniform needs the {per_stage} layers per pipeline stage to be a multiple of "
              f"recompute_num_layers={n}"),
         ]
+
+
+def _check_blend(key: str, sources: tuple[DataSource, ...]) -> None:
+    names = [s.name for s in sources]
+    for i, name in enumerate(names):
+        if name in names[:i]:  # overrides reach a source by name (data.sources.<name>.fraction)
+            raise ConfigError(f"{key}[{i}].name {name!r} is used twice")
+    fractions = [s.fraction for s in sources]
+    if fractions and not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"{key} fractions must be positive and sum to 1, got {fractions}")
 
 
 @dataclass(frozen=True)
@@ -280,6 +296,9 @@ FIELD_RULES: dict[str, Rule] = {
     "data.sources[].name": NON_EMPTY,
     "data.sources[].path": NON_EMPTY,
     "data.sources[].fraction": POSITIVE,
+    "data.eval_sources[].name": NON_EMPTY,
+    "data.eval_sources[].path": NON_EMPTY,
+    "data.eval_sources[].fraction": POSITIVE,
     "data.seq_length_tokens": POSITIVE,
     "data.seed": NON_NEGATIVE,  # numpy's seeded generators refuse negative seeds
     "data.template": one_of(*sorted(TEMPLATES)),
@@ -302,6 +321,8 @@ FIELD_RULES: dict[str, Rule] = {
     "save_interval_steps": POSITIVE,
     "keep_checkpoints": NON_NEGATIVE,  # 0: keep all
     "log_interval_steps": POSITIVE,
+    "eval_interval_steps": NON_NEGATIVE,  # 0: no validation
+    "eval_samples": POSITIVE,  # also a multiple of data-parallel size x micro_batch_size (checked at start)
     "nonfinite_loss": one_of("stop", "skip"),
     "wandb_mode": one_of("offline", "online", "disabled"),
     "wandb_project": NON_EMPTY,

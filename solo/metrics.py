@@ -117,7 +117,9 @@ class MetricsLogger:
 
     def step(self, step: int, stats: dict, lr: float, grad_norm, seconds: float, flops: float,
              extra: dict | None = None) -> None:
-        """`seconds`: the step's; `extra`: numbers measured after it (the probe's), logged with it."""
+        """`seconds`: the step's own time; `extra`: what was measured after this step (solo.evaluate:
+        val_loss, ...; solo.probe: probe_accuracy, ...), joined to the step's row, sent to wandb and
+        printed on a line of its own whatever the log interval."""
         if not self.is_writer:
             return
         tokens_per_s = stats["tokens"] / seconds
@@ -135,16 +137,19 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-        if step % self.cfg.log_interval_steps == 0 or step == self.total_steps or extra:
+        if step % self.cfg.log_interval_steps == 0 or step == self.total_steps:
             fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
             print(
                 f"[solo {self.cfg.stage}] step {step}/{self.total_steps} | loss {record['loss']:.4f} "
                 f"| vl {fmt(record['vl_loss'], '.4f')} | text {fmt(record['text_loss'], '.4f')} "
                 f"| lr {lr:.3e} | grad {fmt(record['grad_norm'], '.3f')} | {tokens_per_s:,.0f} tok/s "
-                f"| mfu {fmt(record['mfu'], '.1%')} | mem {memory_gb:.2f} GB"
-                + "".join(f" | {k} {v:.4g}" for k, v in (extra or {}).items()),
+                f"| mfu {fmt(record['mfu'], '.1%')} | mem {memory_gb:.2f} GB",
                 flush=True,
             )
+        if extra:
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            print(f"[solo {self.cfg.stage}] step {step}/{self.total_steps} | "
+                  + " | ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in extra.items()), flush=True)
 
     def close(self, result: dict) -> None:
         _copy_result(result)

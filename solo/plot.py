@@ -3,7 +3,8 @@
 matplotlib draws; the data is each run's `metrics.jsonl` (one line per step, written by
 solo-train). Stages given in order are laid end to end on one step axis, as in the paper's
 figures, with the vision-language and text-only losses drawn apart (SOLO Fig. 3, 11), and the
-probe's held-out accuracy (`solo.probe`), where a stage has one, on a second axis (0 to 1).
+validation losses (solo.evaluate: `val_*`, at the steps evaluated) as marked points on the same axes,
+and the probe's held-out accuracy (`solo.probe`), where a stage has one, on a second axis (0 to 1).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
             continue
         stage = rows[0].get("stage", Path(run_dir).name)
         steps = [offset + r["step"] for r in rows]
-        for key, style in (("loss", "-"), ("vl_loss", "--"), ("text_loss", ":")):
+        for key, style in (("loss", "-"), ("vl_loss", "--"), ("text_loss", ":"),
+                           ("val_loss", "o-"), ("val_vl_loss", "s--"), ("val_text_loss", "^:")):
             points = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=f"{stage} {key.replace('_', ' ')}")
