@@ -165,16 +165,6 @@ class _untouched:
         tensor_parallel.get_cuda_rng_tracker().set_states(self.tracker)
 
 
-@dataclass
-class _Prompt:
-    """What `collate` reads of a packed sample: one document, the prompt so far."""
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    document_lengths: list[int]
-    patches: list[np.ndarray]
-
-
 def greedy(training, prompts: list[list[int]], patches: list[np.ndarray], max_new_tokens: int,
            stop_ids: list[int], allowed_special: int) -> list[list[int]]:
     """Greedy answers (stop id excluded) to `prompts`, one row each, on this model-parallel group."""
@@ -200,7 +190,7 @@ def _next_tokens(training, rows: list[list[int]], patches: list[np.ndarray], all
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     seq_length = -(-max(map(len, rows)) // tp) * tp  # sequence parallelism splits the sequence over TP
-    samples = [_Prompt(np.asarray(r, np.int32), np.zeros(len(r), np.uint8), [len(r)], [p])
+    samples = [PackedSample(np.asarray(r, np.int32), np.zeros(len(r), np.uint8), [len(r)], [p])  # no loss
                for r, p in zip(rows, patches, strict=True)]
     batch = collate(samples, seq_length, TOKEN_IDS.pad_id).to(device())
     last = torch.tensor([r * seq_length + len(row) - 1 for r, row in enumerate(rows)], device=device())
