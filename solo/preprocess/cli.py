@@ -7,6 +7,7 @@
     solo-preprocess captions --input energon_ds/ --split val --output shards/val
     solo-preprocess html     --input 'websight/*.parquet' --output shards/websight
     solo-preprocess sft      --input llava.json --images llava/images --output shards/llava [--template chatml]
+    solo-preprocess sft      --input all_data.jsonl --output shards/sft --holdout-fraction 0.01  (+ shards/sft/heldout)
     solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama \
                              --exclude-subsets RedPajamaCommonCrawl,RedPajamaC4
     solo-preprocess stats shards/cc3m [--per-shard]
@@ -123,6 +124,14 @@ def _int_in(low: int, high: int):
         return value
     parse.__name__ = f"integer in [{low}, {high}]"
     return parse
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--pixels jpeg: quality (default 95)")
     common.add_argument("--jpeg-subsampling", choices=JPEG_SUBSAMPLINGS, default=None,
                         help="--pixels jpeg: chroma subsampling (default 4:4:4, full colour resolution)")
+    common.add_argument("--holdout-fraction", type=_fraction, default=0.0, metavar="F",
+                        help="hold this share of the records out of --output, deterministically (by a hash of "
+                        "seed and record key), and write them to OUTPUT/heldout for validation (default 0: none)")
 
     parser = argparse.ArgumentParser(prog="solo-preprocess", description=__doc__.split("\n\nargparse")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -370,7 +382,17 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side,
                         image_first=getattr(args, "image_position", "first") == "first",
                         template=args.template if args.command == "sft" else "plain")
-        manifest = run(source, layout, options, Path(args.output), args.workers, split)
+        if args.holdout_fraction:
+            from solo.preprocess.holdout import HELDOUT_FOLDER, run_with_holdout
+
+            manifest, heldout = run_with_holdout(source, layout, options, Path(args.output), args.workers,
+                                                 args.holdout_fraction, split)
+            if heldout["complete"] and heldout["totals"]["documents"] == 0:
+                raise UsageError(f"--holdout-fraction {args.holdout_fraction}: no documents held out in "
+                                 f"{Path(args.output) / HELDOUT_FOLDER} ({heldout['totals']['records']:,} records; "
+                                 f"{skip_summary(heldout['skipped'])}): hold out a larger fraction")
+        else:
+            manifest = run(source, layout, options, Path(args.output), args.workers, split)
         if manifest["complete"] and manifest["totals"]["documents"] == 0:
             raise UsageError(f"--output {args.output}: no documents from {manifest['totals']['records']:,} records "
                              f"({skip_summary(manifest['skipped'])})")
