@@ -159,3 +159,15 @@ def test_eval_settings_are_checked_before_compute(tmp_path):
         eval_data(config_from_dict(base, [f"eval_samples={too_many}"]), dp_size=1)
     fits = config_from_dict(base, [f"eval_samples={too_many - 1}"])
     assert eval_data(fits, dp_size=1).global_batch_size == too_many - 1
+
+
+@pytest.mark.distributed
+def test_solo_plot_draws_the_validation_losses(runs, tmp_path):
+    from solo.plot import plot_runs
+
+    without = tmp_path / "without-val"
+    without.mkdir()
+    stripped = [{k: v for k, v in r.items() if not k.startswith("val_")} for r in rows(runs["evaluated"])]
+    (without / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    drawn = plot_runs([runs["evaluated"]], tmp_path / "with.png").read_bytes()
+    assert drawn != plot_runs([without], tmp_path / "without.png").read_bytes()
