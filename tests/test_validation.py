@@ -139,3 +139,35 @@ def test_validation_loss_equals_a_recomputation_in_another_layout(runs, tmp_path
     assert recomputed["samples"] == runs["total"]
     for key in ("loss", "vl_loss", "text_loss"):
         assert logged[f"val_{key}"] == pytest.approx(recomputed[key], rel=1e-5), key
+
+
+def test_eval_settings_are_checked_before_compute(tmp_path):
+    from solo.config import ConfigError, config_from_dict
+    from solo.evaluate import eval_data
+
+    counts = write_heldout(tmp_path)
+    base = {"model": {"preset": "tiny", "patch_size": 32}, "data": {"seq_length_tokens": 256, "sources": [
+        {"name": "text", "path": str(tmp_path / "heldout-text"), "fraction": 1.0}]}, "eval_interval_steps": 2}
+    with pytest.raises(ConfigError, match="eval_interval_steps=2 needs data.eval_sources"):
+        config_from_dict(base)
+    base["data"]["eval_sources"] = [{"name": "images", "path": str(tmp_path / "heldout-images"), "fraction": 1.0}]
+    with pytest.raises(ValueError, match="eval_samples 3 is not divisible by data-parallel size 2"):
+        eval_data(config_from_dict(base, ["eval_samples=3"]), dp_size=2)
+    too_many = counts["heldout-images"] + 1
+    with pytest.raises(ValueError, match=f"eval_samples={too_many} takes {too_many} samples of data.eval_sources "
+                                         f"'images', which holds {counts['heldout-images']}"):
+        eval_data(config_from_dict(base, [f"eval_samples={too_many}"]), dp_size=1)
+    fits = config_from_dict(base, [f"eval_samples={too_many - 1}"])
+    assert eval_data(fits, dp_size=1).global_batch_size == too_many - 1
+
+
+@pytest.mark.distributed
+def test_solo_plot_draws_the_validation_losses(runs, tmp_path):
+    from solo.plot import plot_runs
+
+    without = tmp_path / "without-val"
+    without.mkdir()
+    stripped = [{k: v for k, v in r.items() if not k.startswith("val_")} for r in rows(runs["evaluated"])]
+    (without / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    drawn = plot_runs([runs["evaluated"]], tmp_path / "with.png").read_bytes()
+    assert drawn != plot_runs([without], tmp_path / "without.png").read_bytes()
