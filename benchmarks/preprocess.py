@@ -1,6 +1,6 @@
 """solo-preprocess throughput per core against the floor of the library doing the heavy lifting.
 
-    python3 benchmarks/preprocess.py [--repeat 5] [--copies 10]
+    python3 benchmarks/preprocess.py [--repeat 5] [--copies 10] [--storage-only]
 
 Images: scikit-image's photographs as ImageNet-style JPEG folders. Floor: PIL decode + bilinear
 resize to the SOLO size only (from bytes already in memory). Ours: the whole per-shard path of
@@ -11,8 +11,12 @@ Text: the docstrings of Python's standard library as a `.jsonl.zst`. Floor: sent
 only. Ours: `solo-preprocess text` per shard (zstd, JSON, encode, loss masks, packing, writes).
 Each is reported as a ratio to its floor in CPU seconds (target: <= 1.3x), best of --repeat runs.
 
-Storage: bytes per vision token of the raw uint8 patches in pixels.bin (3 x 32 x 32 = 3072) and
-of a PNG of the resized image as the lossless alternative, with its decode cost.
+Storage (`--pixels`, solo.data.shards): the same photographs, straight from scikit-image and
+resized by the SOLO rule, one per sample, written by ShardWriter as every kind (raw, png, jpeg q95
+at 4:4:4 and 4:2:0) and read back by `Shard.sample`: bytes per vision token of pixels.bin/.idx,
+PSNR against the raw patches (minimum and median over the photos; target for jpeg: <= 450 B at
+>= 40 dB), the writer's and the reader's CPU microseconds per vision token (best of --repeat reads),
+and what the paper's ~13B vision tokens would take on disk.
 """
 
 from __future__ import annotations
@@ -30,17 +34,15 @@ import numpy as np
 import zstandard
 from PIL import Image
 
-from solo.demo_data import python_docstrings
+from solo.data.shards import PackedSample, ShardWriter, open_shard
+from solo.demo_data import BENCHMARK_PHOTOS, python_docstrings, skimage_photo
 from solo.preprocess.documents import Layout
 from solo.preprocess.pipeline import Options, _import_megatron, write_shard
 from solo.preprocess.sources import ImageNetSource, StreamSource
 from solo.tokenizer import SOLOTokenizer
-from solo.vision import resize_for_patches, target_size
+from solo.vision import encode_image, image_token_ids, target_size
 
-PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
-          "coffee.png", "coins.png", "color.png", "grass.png", "gravel.png", "hubble_deep_field.jpg",
-          "ihc.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg",
-          "rocket.jpg", "text.png")
+PHOTOS = BENCHMARK_PHOTOS
 MODULES = ("json", "tarfile", "pathlib", "argparse", "collections", "functools", "itertools", "textwrap",
            "string", "random", "statistics", "fractions", "decimal", "heapq", "bisect", "shutil", "tempfile",
            "logging", "dataclasses", "enum", "typing", "csv", "os", "re", "subprocess", "threading",
@@ -86,29 +88,81 @@ def image_floor(blobs: list[bytes], patch: int, max_side: int) -> None:
             im.resize(target_size(im.width, im.height, patch, max_side), Image.Resampling.BILINEAR)
 
 
-def png_storage(blobs: list[bytes], patch: int, max_side: int) -> tuple[float, float]:
-    """(PNG bytes per vision token, decode seconds per vision token) for the resized images."""
-    pngs, tokens = [], 0
-    for data in blobs:
-        im = resize_for_patches(Image.open(io.BytesIO(data)).convert("RGB"), patch, max_side)
-        buf = io.BytesIO()
-        im.save(buf, "PNG")
-        pngs.append(buf.getvalue())
-        tokens += (im.width // patch) * (im.height // patch)
-    t = time.perf_counter()
-    for data in pngs:
-        np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    return sum(map(len, pngs)) / tokens, (time.perf_counter() - t) / tokens
+STORAGE_KINDS = {"raw": {}, "png": {"pixels": "png"}, "jpeg q95 4:4:4": {"pixels": "jpeg"},
+                 "jpeg q95 4:2:0": {"pixels": "jpeg", "jpeg_subsampling": "4:2:0"}}
+PAPER_VISION_TOKENS = 13e9  # most of the paper's ~22B tokens (issue 20)
+
+
+def photo_samples(tok, patch: int, max_side: int) -> list[PackedSample]:
+    """One sample per benchmark photograph: <s> image name </s>."""
+    samples = []
+    for name in PHOTOS:
+        image = encode_image(skimage_photo(name), patch, max_side)
+        tokens = [tok.bos_id] + image_token_ids(image.rows, image.cols, tok) + tok.encode(name) + [tok.eos_id]
+        samples.append(PackedSample(np.array(tokens, np.int32), np.zeros(len(tokens), np.uint8), [len(tokens)],
+                                    [image.patches]))
+    return samples
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
+def storage(tmp: Path, tok, patch: int, max_side: int, repeat: int) -> dict[str, dict]:
+    """Per kind: bytes per vision token, PSNR (min, median), encode and decode CPU us per vision token."""
+    samples = photo_samples(tok, patch, max_side)
+    tokens = sum(p.shape[0] for s in samples for p in s.patches)
+    results = {}
+    for label, options in STORAGE_KINDS.items():
+        prefix = tmp / label.replace(" ", "-").replace(":", "")
+        t = time.process_time()
+        writer = ShardWriter(prefix, patch, **options)
+        for sample in samples:
+            writer.add_sample(sample)
+        manifest = writer.finish({"seq_length": max(len(s.tokens) for s in samples), "patch_size": patch})
+        encode_s = time.process_time() - t
+        shard = open_shard(prefix)
+        decode_s = float("inf")
+        for _ in range(repeat):
+            t = time.process_time()
+            read = [shard.sample(i).patches[0] for i in range(len(shard))]
+            decode_s = min(decode_s, time.process_time() - t)
+        quality = [psnr(s.patches[0], r) for s, r in zip(samples, read, strict=True)]
+        pixel_bytes = sum(f["bytes"] for name, f in manifest["files"].items() if ".pixels." in name)
+        results[label] = {"bytes": pixel_bytes / tokens, "psnr_min": min(quality),
+                          "psnr_median": float(np.median(quality)), "encode_us": 1e6 * encode_s / tokens,
+                          "decode_us": 1e6 * decode_s / tokens, "tokens": tokens}
+    return results
+
+
+def print_storage(results: dict[str, dict], patch: int, max_side: int) -> None:
+    tokens = next(iter(results.values()))["tokens"]
+    raw = 3 * patch * patch
+    print(f"storage: {len(PHOTOS)} skimage photos at the SOLO size (max side {max_side}), {tokens:,} vision tokens, "
+          "read back by Shard.sample (CPU time per vision token)")
+    print(f"  {'kind':16s} {'B/token':>8s} {'of raw':>7s} {'PSNR min':>9s} {'median':>7s} {'encode':>10s} "
+          f"{'decode':>10s} {'13B vision tokens':>18s}")
+    for label, r in results.items():
+        exact = r["psnr_min"] == float("inf")
+        low, median = ("exact", "") if exact else (f"{r['psnr_min']:.2f}", f"{r['psnr_median']:.2f}")
+        print(f"  {label:16s} {r['bytes']:8.0f} {100 * r['bytes'] / raw:6.1f}% {low:>9s} {median:>7s} "
+              f"{r['encode_us']:7.1f} us {r['decode_us']:7.1f} us {r['bytes'] * PAPER_VISION_TOKENS / 1e12:15.1f} TB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--copies", type=int, default=10, help="copies of the 20 photographs")
+    parser.add_argument("--storage-only", action="store_true", help="only the pixel storage table")
     args = parser.parse_args()
     _import_megatron()
     tok = SOLOTokenizer.default()
     seq, patch, max_side = 32768, 32, 1024
+    if args.storage_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_storage(storage(Path(tmp), tok, patch, max_side, args.repeat), patch, max_side)
+        return
     layout = Layout(tok, seq, patch, max_side)
     options = Options(seq, patch, max_side, seed=0, shard_size=10**9)
 
@@ -155,13 +209,8 @@ def main() -> None:
         print(f"  ours  (solo-preprocess shard)  {n_tokens / ours_s:10,.0f} tokens/s per core   "
               f"ratio {ours_s / floor_s:.2f}x the floor's time (target <= 1.3x)")
 
-        png_bytes, png_decode = png_storage(blobs, patch, max_side)
-        raw = 3 * patch * patch
-        print(f"storage per vision token: raw uint8 patches {raw} B (decode: none, a memory map); "
-              f"PNG of the resized image {png_bytes:.0f} B ({100 * png_bytes / raw:.0f}% of raw), "
-              f"decode {1e6 * png_decode:.1f} us/token = {1 / png_decode / 32768:.1f} packed 32k-token "
-              "samples/s per core if every token were a patch")
-
+        (tmp / "storage").mkdir()
+        print_storage(storage(tmp / "storage", tok, patch, max_side, args.repeat), patch, max_side)
 
 if __name__ == "__main__":
     main()

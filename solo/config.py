@@ -121,6 +121,30 @@ class DataConfig:
     # The template the stage's supervised (sft) shards are laid out in (solo.templates); every sft
     # shard must say the same in its manifest. "plain": the stage has no supervised data.
     template: str = "plain"
+    # Processes that read, decode and collate the next steps (solo.data.loader); 0: the read-ahead
+    # thread does it. null: the rank's share of the node's cores less one, at most 8.
+    loader_workers: int | None = None
+    # Validation data (held out of training: solo-preprocess --holdout-fraction writes
+    # <output>/heldout; any shard folder will do), blended by the fractions as `sources` are.
+    # Evaluated every `eval_interval_steps` on the first `eval_samples` samples of its blend.
+    eval_sources: tuple[DataSource, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Greedy generation on held-out labelled images during training (`solo.probe`): does the model see?"""
+
+    # A folder of `solo-preprocess imagenet` shards (documents `<s> IMAGE name</s>`) kept out of
+    # training; "": no probe.
+    path: str = ""
+    interval_steps: int = 0  # probe every this many steps, and after the last; 0: never
+    images: int = 64  # the first this many image documents of the folder (bounds the probe's cost)
+    max_new_tokens: int = 8  # generated tokens per image at most (bounds it too)
+    # exact: the generated text is the label (stage 1, class names); contains: the text names the
+    # label as a word, any case (a caption that names the labelled object, stages 2-3).
+    match: str = "exact"
+    template: str = "plain"  # the prompt layout (solo.templates); plain: the image alone, as in pretraining
+    prompt: str = ""  # text after the image (plain) or the user turn (solo-inst, chatml)
 
 
 @dataclass(frozen=True)
@@ -132,6 +156,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     train_steps: int = 0  # 0: one epoch over the blend, derived from the shard manifests
     global_batch_size: int = 128
     micro_batch_size: int = 1
@@ -148,6 +173,10 @@ class TrainConfig:
     save_interval_steps: int = 50
     keep_checkpoints: int = 2
     log_interval_steps: int = 1
+    # Validation loss (overall, vision-language, text) on data.eval_sources every this many steps
+    # and at the last step; 0: none. The same `eval_samples` samples every time (solo.evaluate).
+    eval_interval_steps: int = 0
+    eval_samples: int = 64
     nonfinite_loss: str = "stop"  # "stop" or "skip" the batch
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "solo-megatron"
@@ -161,7 +190,6 @@ class TrainConfig:
             if not rule.holds(value):
                 raise ConfigError(f"{key}={value!r} {rule.says}")
         p, m, o, tp = self.parallel, self.model, self.optimizer, self.parallel.tensor_parallel
-        names = [s.name for s in self.data.sources]
 
         def divisible(a: str, b: str) -> tuple[bool, str]:
             x, y = _get(self, a), _get(self, b)
@@ -177,6 +205,13 @@ class TrainConfig:
              f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor_parallel={tp}"),
             (m.max_image_side % m.patch_size == 0, "model.max_image_side must be a multiple of model.patch_size"),
             (not p.sequence_parallel or p.tensor_parallel > 1, "parallel.sequence_parallel needs tensor_parallel > 1"),
+            (bool(self.probe.path) == (self.probe.interval_steps > 0),
+             f"probe.path={self.probe.path!r} and probe.interval_steps={self.probe.interval_steps} go together: "
+             "set both (a folder of held-out solo-preprocess imagenet shards, and how often) or neither"),
+            # solo.probe would take the next id from the last stage; that path has no test yet.
+            (not self.probe.path or p.pipeline_parallel == 1,
+             f"probe.path with parallel.pipeline_parallel={p.pipeline_parallel}: the probe runs at "
+             "pipeline_parallel 1 only (any TP x DP); probe the checkpoints with solo-generate instead"),
         ]
         # Packed rows are not split across context-parallel ranks (no THD partitioning, no CP-aware
         # patch indexing), so CP > 1 is refused up front instead of failing at build or in RoPE.
@@ -186,12 +221,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for i, name in enumerate(names):
-            if name in names[:i]:  # overrides reach a source by name (data.sources.<name>.fraction)
-                raise ConfigError(f"data.sources[{i}].name {name!r} is used twice")
-        fractions = [s.fraction for s in self.data.sources]
-        if fractions and not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-            raise ConfigError(f"data.sources fractions must be positive and sum to 1, got {fractions}")
+        for key, sources in (("data.sources", self.data.sources), ("data.eval_sources", self.data.eval_sources)):
+            _check_blend(key, sources)
+        if self.eval_interval_steps and not self.data.eval_sources:
+            raise ConfigError(f"eval_interval_steps={self.eval_interval_steps} needs data.eval_sources (held-out "
+                              "shard folders, e.g. solo-preprocess --holdout-fraction's <output>/heldout)")
         return self
 
     def _recompute_checks(self) -> list[tuple[bool, str]]:
@@ -208,6 +242,16 @@ class TrainConfig:
              f"recompute_method uniform needs the {per_stage} layers per pipeline stage to be a multiple of "
              f"recompute_num_layers={n}"),
         ]
+
+
+def _check_blend(key: str, sources: tuple[DataSource, ...]) -> None:
+    names = [s.name for s in sources]
+    for i, name in enumerate(names):
+        if name in names[:i]:  # overrides reach a source by name (data.sources.<name>.fraction)
+            raise ConfigError(f"{key}[{i}].name {name!r} is used twice")
+    fractions = [s.fraction for s in sources]
+    if fractions and not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"{key} fractions must be positive and sum to 1, got {fractions}")
 
 
 @dataclass(frozen=True)
@@ -255,9 +299,20 @@ FIELD_RULES: dict[str, Rule] = {
     "data.sources[].name": NON_EMPTY,
     "data.sources[].path": NON_EMPTY,
     "data.sources[].fraction": POSITIVE,
+    "data.eval_sources[].name": NON_EMPTY,
+    "data.eval_sources[].path": NON_EMPTY,
+    "data.eval_sources[].fraction": POSITIVE,
     "data.seq_length_tokens": POSITIVE,
     "data.seed": NON_NEGATIVE,  # numpy's seeded generators refuse negative seeds
     "data.template": one_of(*sorted(TEMPLATES)),
+    "data.loader_workers": Rule(lambda v: v is None or v >= 0, "must be null (from the cores per rank) or >= 0"),
+    "probe.path": FREE,  # "": no probe; the folder is checked when the run starts
+    "probe.interval_steps": NON_NEGATIVE,  # 0: no probe
+    "probe.images": POSITIVE,
+    "probe.max_new_tokens": POSITIVE,
+    "probe.match": one_of("exact", "contains"),
+    "probe.template": one_of(*sorted(TEMPLATES)),
+    "probe.prompt": FREE,
     "train_steps": NON_NEGATIVE,  # 0: one epoch
     "global_batch_size": POSITIVE,
     "micro_batch_size": POSITIVE,
@@ -270,6 +325,8 @@ FIELD_RULES: dict[str, Rule] = {
     "save_interval_steps": POSITIVE,
     "keep_checkpoints": NON_NEGATIVE,  # 0: keep all
     "log_interval_steps": POSITIVE,
+    "eval_interval_steps": NON_NEGATIVE,  # 0: no validation
+    "eval_samples": POSITIVE,  # also a multiple of data-parallel size x micro_batch_size (checked at start)
     "nonfinite_loss": one_of("stop", "skip"),
     "wandb_mode": one_of("offline", "online", "disabled"),
     "wandb_project": NON_EMPTY,

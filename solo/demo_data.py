@@ -3,6 +3,9 @@
 * photographs: scikit-image's bundled pictures (`skimage/data/*.png|jpg`), written as an
   ImageNet-style labelled folder (`nXXXXXXXX/*.JPEG` + `LOC_synset_mapping.txt`), as an
   img2dataset webdataset tar of captions, and as a LLaVA-style conversation file;
+* handwritten digits: scikit-learn's bundled copy of the UCI digits (1,797 8x8 scans,
+  `sklearn.datasets.load_digits`), upscaled and written as two ImageNet-style folders, a fixed 80%
+  to train on and the other 20% held out, labelled with the digit's English name;
 * English text: the docstrings of Python's own standard library, as a SlimPajama-like `.jsonl.zst`.
 
 PIL writes the images, zstandard the text, tarfile the webdataset shards. Nothing is downloaded.
@@ -43,6 +46,16 @@ PHOTOS: dict[str, tuple[str, str]] = {
     "logo.png": ("snake logo", "The scikit-image logo with a snake."),
     "clock_motion.png": ("clock", "A wall clock blurred by motion."),
 }
+
+# The pictures of skimage/data that benchmarks/preprocess.py measures (photographs, micrographs,
+# scans; no logo or synthetic pattern), and that tests/test_pixel_storage.py holds to its numbers.
+BENCHMARK_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+                    "coffee.png", "coins.png", "color.png", "grass.png", "gravel.png", "hubble_deep_field.jpg",
+                    "ihc.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png",
+                    "retina.jpg", "rocket.jpg", "text.png")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS_HELDOUT_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0  # the held-out 20% is the same on every machine and run
 
 TEXT_MODULES = ("json", "tarfile", "pathlib", "argparse", "collections", "functools", "itertools",
                 "textwrap", "string", "random", "statistics", "fractions", "decimal", "heapq",
@@ -92,6 +105,50 @@ def write_imagenet(root: Path, photos: dict = PHOTOS, images_per_class: int = 3,
             (folder / f"{wnid}_{j}.JPEG").write_bytes(_jpeg(view, max_side))
         lines.append(f"{wnid} {label}, {file.split('.')[0]}")
     (root / "LOC_synset_mapping.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def load_digits():
+    """(images [1797, 8, 8] 0..16, targets [1797]): the file `sklearn.datasets.load_digits` reads,
+    `sklearn/datasets/data/digits.csv.gz` of the installed scikit-learn (64 pixels then the digit per
+    row), read without importing scikit-learn and SciPy (seconds of start-up)."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ImportError("the digits come with scikit-learn: pip install scikit-learn (scripts/setup.sh does)")
+    data = np.loadtxt(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def digit_image(pixels, side: int) -> Image.Image:
+    """An 8x8 scan (0 = paper, 16 = ink) as dark ink on white, RGB, `side` pixels square (nearest
+    neighbour: the scan's own squares, no blur)."""
+    import numpy as np
+
+    gray = (255 - np.rint(np.asarray(pixels, dtype=np.float64) * 255 / 16)).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").resize((side, side), Image.Resampling.NEAREST).convert("RGB")
+
+
+def write_digits(root: Path, side: int = 32, limit: int | None = None) -> Path:
+    """`root/train/` and `root/heldout/` in ImageNet's layout (`nXXXXXXXX/*.png`, one synset per digit,
+    named in `root/LOC_synset_mapping.txt`): a fixed random 80% / 20% split of the first `limit`
+    (all 1,797 by default) of scikit-learn's digits."""
+    import numpy as np
+
+    images, targets = load_digits()
+    count = len(targets) if limit is None else limit
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(count)
+    heldout = set(order[:round(count * DIGITS_HELDOUT_FRACTION)].tolist())
+    root = Path(root)
+    for i in range(count):
+        folder = root / ("heldout" if i in heldout else "train") / f"n{80000000 + int(targets[i]):08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        digit_image(images[i], side).save(folder / f"digit_{i:04d}.png", compress_level=1)
+    (root / "LOC_synset_mapping.txt").write_text(
+        "".join(f"n{80000000 + d:08d} {name}\n" for d, name in enumerate(DIGIT_NAMES)))
     return root
 
 

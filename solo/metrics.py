@@ -115,7 +115,11 @@ class MetricsLogger:
         if self.is_writer:
             print(f"[solo {self.cfg.stage}] {message}", flush=True)
 
-    def step(self, step: int, stats: dict, lr: float, grad_norm, seconds: float, flops: float) -> None:
+    def step(self, step: int, stats: dict, lr: float, grad_norm, seconds: float, flops: float,
+             extra: dict | None = None) -> None:
+        """`seconds`: the step's own time; `extra`: what was measured after this step (solo.evaluate:
+        val_loss, ...; solo.probe: probe_accuracy, ...), joined to the step's row, sent to wandb and
+        printed on a line of its own whatever the log interval."""
         if not self.is_writer:
             return
         tokens_per_s = stats["tokens"] / seconds
@@ -127,7 +131,7 @@ class MetricsLogger:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_s": tokens_per_s, "step_s": seconds,
             "mfu": flops / seconds / (self.peak * self.world) if self.peak else None,
-            "memory_gb": memory_gb,
+            "memory_gb": memory_gb, **(extra or {}),
         }
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -142,6 +146,10 @@ class MetricsLogger:
                 f"| mfu {fmt(record['mfu'], '.1%')} | mem {memory_gb:.2f} GB",
                 flush=True,
             )
+        if extra:
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            print(f"[solo {self.cfg.stage}] step {step}/{self.total_steps} | "
+                  + " | ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in extra.items()), flush=True)
 
     def close(self, result: dict) -> None:
         _copy_result(result)

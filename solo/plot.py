@@ -2,7 +2,9 @@
 
 matplotlib draws; the data is each run's `metrics.jsonl` (one line per step, written by
 solo-train). Stages given in order are laid end to end on one step axis, as in the paper's
-figures, with the vision-language and text-only losses drawn apart (SOLO Fig. 3, 11).
+figures, with the vision-language and text-only losses drawn apart (SOLO Fig. 3, 11), and the
+validation losses (solo.evaluate: `val_*`, at the steps evaluated) as marked points on the same axes,
+and the probe's held-out accuracy (`solo.probe`), where a stage has one, on a second axis (0 to 1).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    probe_ax = None
     offset = 0
     for run_dir in run_dirs:
         rows = read_metrics(run_dir)
@@ -34,15 +37,25 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
             continue
         stage = rows[0].get("stage", Path(run_dir).name)
         steps = [offset + r["step"] for r in rows]
-        for key, style in (("loss", "-"), ("vl_loss", "--"), ("text_loss", ":")):
+        for key, style in (("loss", "-"), ("vl_loss", "--"), ("text_loss", ":"),
+                           ("val_loss", "o-"), ("val_vl_loss", "s--"), ("val_text_loss", "^:")):
             points = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=f"{stage} {key.replace('_', ' ')}")
+        probes = [(s, r["probe_accuracy"]) for s, r in zip(steps, rows, strict=True) if "probe_accuracy" in r]
+        if probes:
+            probe_ax = probe_ax or _probe_axis(ax)
+            probe_ax.plot(*zip(*probes, strict=True), "o-", color="black", markersize=3, linewidth=1,
+                          label=f"{stage} probe accuracy")
         offset = steps[-1]
         ax.axvline(offset, color="grey", linewidth=0.5)
     ax.set_xlabel("step (stages end to end)")
     ax.set_ylabel("language-modeling loss")
-    ax.legend(fontsize=7, ncol=3)
+    handles, labels = ax.get_legend_handles_labels()
+    if probe_ax is not None:
+        more = probe_ax.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=7, ncol=3)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     output = Path(output)
@@ -50,6 +63,13 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output
+
+
+def _probe_axis(ax):
+    probe_ax = ax.twinx()
+    probe_ax.set_ylim(0, 1.02)
+    probe_ax.set_ylabel("probe accuracy (held-out images)")
+    return probe_ax
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,13 +53,16 @@ from solo.checkpoint import (
 from solo.config import ConfigError, ParallelConfig, TrainConfig, load_config
 from solo.data.batch import PackedBatch, attention_inputs, broadcast_batch
 from solo.data.dataset import StageData
+from solo.data.loader import default_workers
 from solo.data.prefetch import StepPrefetcher
 from solo.data.shards import ShardError
 from solo.distributed import destroy_distributed, device, init_distributed
+from solo.evaluate import Validation
 from solo.faults import inject_into_forward_step
 from solo.metrics import MetricsLogger, attention_pairs, training_flops
 from solo.model import SOLOModel, build_model
 from solo.plan import check_fits, print_plan
+from solo.probe import build_probe
 from solo.run_guard import guard_run
 from solo.tokenizer import TOKEN_IDS
 
@@ -102,7 +105,13 @@ def train(cfg: TrainConfig) -> dict:
     check_fits(cfg, gpu_bytes, dist.get_world_size())
     num_microbatches(cfg)
     data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size, cfg.model.vocab_size)
+    # One rank per tensor-parallel group reads (`train_step` broadcasts to the others); image bytes
+    # are read on the first pipeline stage only, the only one with the patch embedding.
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    reads, first_stage = parallel_state.get_tensor_model_parallel_rank() == 0, parallel_state.is_pipeline_first_stage()
+    validation = Validation(cfg, dp_rank, dp_size, reads=reads, with_patches=first_stage)  # held-out data, checked
     resume, init = _checkpoints_to_load(cfg)
+    probe = build_probe(cfg.probe, cfg.save_dir, cfg.model.patch_size)  # held-out images, answered (solo.probe)
 
     # 2. Model, optimizer, schedule, and the state they start from.
     training = build_training(cfg, data.train_steps)
@@ -119,13 +128,10 @@ def train(cfg: TrainConfig) -> dict:
                       config=dataclasses.asdict(cfg))
     last_saved = resume
     result = {"stage": cfg.stage, "steps": steps, "losses": []}
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), training.layout["data_parallel"]
-
-    # One rank per tensor-parallel group reads (`train_step` broadcasts to the others); image bytes
-    # are read on the first pipeline stage only, the only one with the patch embedding.
-    reads = parallel_state.get_tensor_model_parallel_rank() == 0
+    workers = default_workers(cfg.data.loader_workers)
+    log.info(f"data: {workers} loader worker processes" if workers else "data: read on the read-ahead thread")
     with StepPrefetcher(data, dp_rank, dp_size, cfg.micro_batch_size, TOKEN_IDS.pad_id, reads=reads,
-                        with_patches=parallel_state.is_pipeline_first_stage()) as prefetch:
+                        with_patches=first_stage, workers=workers) as prefetch:
         while step < steps:
             started = time.perf_counter()
             micro_batches = prefetch.get(step)  # read and collated (on the CPU) while the last step ran
@@ -135,8 +141,11 @@ def train(cfg: TrainConfig) -> dict:
                     raise NonFiniteLoss(f"{done.fault}; stopping. {good_checkpoint_label(last_saved)}")
                 log.info(f"{done.fault}; skipping this batch (nonfinite_loss=skip)")
             step += 1
+            seconds = time.perf_counter() - started
+            evaluated = validation.run(partial(eval_step, training)) if validation.due(step, steps) else {}
+            probed = probe.after_step(training, step, steps) if probe else {}
             log.step(step, dataclasses.asdict(done.stats), lr=done.lr, grad_norm=done.grad_norm,
-                     seconds=time.perf_counter() - started, flops=done.flops)
+                     seconds=seconds, flops=done.flops, extra={**evaluated, **probed})
             result["losses"].append(done.stats.loss)
 
             preempted = stop.agreed()
@@ -348,6 +357,27 @@ def train_step(training: Training, micro_batches: list[PackedBatch | None], step
         flops=training_flops(t.model.model_config, stats.tokens, stats.attention_pairs),
         fault=fault, weights_touched=weights_touched,
     )
+
+
+def eval_step(training: Training, micro_batches: list[PackedBatch | None]) -> StepStats:
+    """The losses of these micro batches under the current weights, forward only: megatron-core's
+    schedule with `forward_only=True` (any TP/PP/DP layout), no gradient, weights, optimizer, schedule
+    or RNG touched (the model has no dropout; it runs in eval mode all the same, as Megatron-LM's
+    `evaluate`). The statistics are reduced over the ranks as a training step's are."""
+    t = training
+    consumed: list[PackedBatch] = []
+    seq_length, micro_batch_size = activation_shape(t.model.backend, t.seq_length, t.micro_batch_size)
+    t.ddp.eval()
+    try:
+        with torch.no_grad():
+            reduced = t.forward_backward(
+                forward_step_func=t.forward_step, data_iterator=_device_batches(micro_batches, consumed),
+                model=[t.ddp], num_microbatches=len(micro_batches), seq_length=seq_length,
+                micro_batch_size=micro_batch_size, forward_only=True,
+            )
+    finally:
+        t.ddp.train()
+    return _reduce_stats(reduced, consumed, t.model.model_config.attention_window_tokens)
 
 
 def _device_batches(micro_batches: list[PackedBatch | None], consumed: list[PackedBatch]):

@@ -4,7 +4,9 @@ PIL decodes, applies EXIF orientation, converts modes and resizes (bilinear, as 
 torchvision `Resize` on a PIL image does); numpy reshapes pixels into patches, reading PIL's memory
 in place through pyarrow where it can (optional; otherwise one more copy). The pipeline is
 `load_image` -> `resize_for_patches` -> `patchify` (`encode_image` runs all three), then
-`normalize_patches` at batch time and `image_token_ids` for the token layout.
+`normalize_patches` at batch time and `image_token_ids` for the token layout. A shard may store
+the resized image as JPEG or PNG instead of raw patches: `encode_stored_image` writes it,
+`decode_stored_image` turns it back into patches (PIL both ways).
 
 What is decoded is bounded before any decoding: files below their root only (`ImagePath`), of at
 most MAX_IMAGE_FILE_BYTES, in IMAGE_FORMATS, taking at most MAX_DECODED_BYTES once decoded.
@@ -346,6 +348,55 @@ def patchify(image: Image.Image | np.ndarray, patch_size: int = 32) -> np.ndarra
     rows, cols = h // patch_size, w // patch_size
     grid = a.reshape(rows, patch_size, cols, patch_size, 3).transpose(0, 2, 4, 1, 3)
     return grid.reshape(rows * cols, 3 * patch_size * patch_size)  # copies: grid is strided
+
+
+def unpatchify(patches: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The inverse of `patchify`: uint8 (rows*cols, 3*P*P) -> the (rows*P, cols*P, 3) image."""
+    n, dim = patches.shape
+    p = math.isqrt(dim // 3)
+    if n != rows * cols or 3 * p * p != dim:
+        raise ValueError(f"{n} patches of {dim} values are not a {rows}x{cols} grid of 3xPxP patches")
+    grid = patches.reshape(rows, cols, 3, p, p).transpose(0, 3, 1, 4, 2)  # (row, y, col, x, channel)
+    return np.ascontiguousarray(grid).reshape(rows * p, cols * p, 3)
+
+
+# How a shard may store an image (solo.data.shards): PIL's format name and its save options.
+# optimize=True: JPEG's Huffman tables fitted to the image, ~5% fewer bytes, same pixels.
+STORED_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
+PIXEL_KINDS = ("raw", *STORED_FORMATS)  # raw: the patches themselves, nothing to decode
+JPEG_SUBSAMPLINGS = ("4:4:4", "4:2:2", "4:2:0")  # chroma resolution: full, half across, half both ways
+
+
+def encode_stored_image(patches: np.ndarray, rows: int, cols: int, kind: str, *, jpeg_quality: int = 95,
+                        jpeg_subsampling: str = "4:4:4") -> bytes:
+    """The image of these patches as a JPEG or PNG file (`kind`: a key of STORED_FORMATS)."""
+    image = Image.fromarray(unpatchify(patches, rows, cols), "RGB")
+    buffer = io.BytesIO()
+    if kind == "jpeg":
+        image.save(buffer, "JPEG", quality=jpeg_quality, subsampling=jpeg_subsampling, optimize=True)
+    else:
+        image.save(buffer, STORED_FORMATS[kind])
+    return buffer.getvalue()
+
+
+def decode_stored_image(data: bytes | memoryview, kind: str, rows: int, cols: int, patch_size: int) -> np.ndarray:
+    """`encode_stored_image`'s bytes -> uint8 patches, refused (ValueError) unless the file is an RGB
+    `kind` image of exactly the rows x cols grid: its header is checked before any pixel is decoded,
+    so a damaged or foreign file never costs more memory than the grid says."""
+    size = (cols * patch_size, rows * patch_size)
+    with _strict_pil():
+        try:
+            image = Image.open(io.BytesIO(data), formats=(STORED_FORMATS[kind],))
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on a bad header
+            raise ValueError(f"not a {kind} image ({e})") from e
+        if image.size != size or image.mode != "RGB":
+            raise ValueError(f"{image.mode} {image.width}x{image.height} image, the tokens say RGB "
+                             f"{size[0]}x{size[1]} ({rows}x{cols} patches)")
+        try:
+            image.load()
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot decode the {kind} image ({e})") from e
+    return patchify(image, patch_size)
 
 
 

@@ -38,8 +38,8 @@ def text_documents(tok, seq_length, count=40):
     return docs
 
 
-def write_source(folder: Path, docs, seq_length: int, samples_per_shard: int = 4) -> Path:
-    """Greedy packing in order; a new shard every `samples_per_shard` samples."""
+def write_source(folder: Path, docs, seq_length: int, samples_per_shard: int = 4, pixels: str = "raw") -> Path:
+    """Greedy packing in order; a new shard every `samples_per_shard` samples, images stored as `pixels`."""
     folder.mkdir(parents=True, exist_ok=True)
     samples, current = [], []
     for doc in docs:
@@ -51,7 +51,7 @@ def write_source(folder: Path, docs, seq_length: int, samples_per_shard: int = 4
     shards = []
     for k in range(0, len(samples), samples_per_shard):
         prefix = folder / f"shard-{k // samples_per_shard:05d}"
-        writer = ShardWriter(prefix, PATCH)
+        writer = ShardWriter(prefix, PATCH, pixels=pixels)
         for packed in samples[k:k + samples_per_shard]:
             writer.add_sample(PackedSample.of_documents(packed))
         shards.append(writer.finish({"source": folder.name, "seq_length": seq_length, "patch_size": PATCH}))
@@ -59,10 +59,10 @@ def write_source(folder: Path, docs, seq_length: int, samples_per_shard: int = 4
     return folder
 
 
-def write_sources(root: Path, seq_length: int = 256) -> dict[str, Path]:
+def write_sources(root: Path, seq_length: int = 256, pixels: str = "raw") -> dict[str, Path]:
     tok = SOLOTokenizer.default()
     return {
-        "images": write_source(root / "images", image_documents(tok) * 2, seq_length),
+        "images": write_source(root / "images", image_documents(tok) * 2, seq_length, pixels=pixels),
         "text": write_source(root / "text", text_documents(tok, seq_length), seq_length),
     }
 

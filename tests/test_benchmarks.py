@@ -68,3 +68,39 @@ def test_read_ahead_memory_measures_a_reading_and_a_receiving_tp_rank():
     assert reading and receiving, out[-3000:]
     assert float(reading.group(2)) > 1 and float(receiving.group(2)) == 0.0
     assert "TP rank != 0: before" in out
+
+
+# Runs a benchmark with solo.data.loader.WorkerLoader.step wrapped, recording how many micro batches
+# each call handed out, so the test sees that the worker numbers come from the project's loader.
+COUNT_WORKER_STEPS = """
+import json, runpy, sys
+import solo.data.loader
+calls, real = [], solo.data.loader.WorkerLoader.step
+def counted(self, step):
+    batches = real(self, step)
+    calls.append({"step": step, "workers": self.workers, "micro_batches": len(batches)})
+    return batches
+solo.data.loader.WorkerLoader.step = counted
+calls_file, script, *args = sys.argv[1:]
+sys.argv = [script, *args]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    open(calls_file, "w").write(json.dumps(calls))
+"""
+
+
+def test_data_loader_reports_every_pixel_kind_through_the_worker_loader(tmp_path):
+    calls_file = tmp_path / "calls.json"
+    out = run("data_loader.py", wrapper=("-c", COUNT_WORKER_STEPS, str(calls_file)))
+    assert "step time" in out and "train_throughput_h100.log" in out, out[-3000:]
+    kinds = {kind: (float(size), quality) for kind, size, quality in
+             re.findall(r"^\s*(raw|png|jpeg):\s+([\d.]+) bytes per vision token, (.*)$", out, re.M)}
+    assert set(kinds) == {"raw", "png", "jpeg"}, out[-3000:]
+    assert kinds["raw"] == (3072.0, "exact") and kinds["png"][1] == "exact", out[-3000:]
+    assert kinds["jpeg"][0] < kinds["png"][0] < 3072 and kinds["jpeg"][1].startswith("PSNR min"), out[-3000:]
+    ratios = re.findall(r"(\d) workers: .*loader/step ([\d.]+)", out)
+    assert [w for w, _ in ratios] == ["2", "4", "8"] * 3 and all(float(r) > 0 for _, r in ratios), out[-3000:]
+    calls = json.loads(calls_file.read_text())
+    # One warm-up and one timed step of 2 micro batches, per kind, from one worker.
+    assert calls == [{"step": s, "workers": 1, "micro_batches": 2} for _ in range(3) for s in (0, 1)]

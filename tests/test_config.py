@@ -3,13 +3,13 @@
 import dataclasses
 import os
 import subprocess
-import sys
 import typing
 from pathlib import Path
 
 import pytest
 
 from solo.config import MODEL_PRESETS, ConfigError, config_from_dict, load_config
+from tests.warm import run_train
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -108,15 +108,14 @@ def test_a_source_is_overridden_by_name():
         load_config(CONFIGS / "stage1.yaml", ["data.sources.imagenet21k.weight=3"])
 
 
-def _solo_train(*args: str) -> subprocess.CompletedProcess:
+def _solo_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """`solo-train` as a user runs it: its own process, so exit status and stderr are the real ones."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "solo.train", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return run_train(list(args), env, tmp_path / "stdout", tmp_path / "stderr", timeout=300)  # warm: tests/warm.py
 
 
-def test_context_parallel_is_refused_by_the_cli_naming_the_key():
-    proc = _solo_train(str(CONFIGS / "stage1.yaml"), "parallel.context_parallel=2")
+def test_context_parallel_is_refused_by_the_cli_naming_the_key(tmp_path):
+    proc = _solo_train(tmp_path, str(CONFIGS / "stage1.yaml"), "parallel.context_parallel=2")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("solo-train: error: ") and "parallel.context_parallel=2" in lines[-1]

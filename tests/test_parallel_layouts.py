@@ -1,10 +1,11 @@
 """Every advertised layout trains the same model as one rank: pipeline parallel (TP=1 x PP=2,
 TP=2 x PP=2, checkpoints resharded between PP=1 and PP=2) and the paper's TP=2 x DP=4 with the
-distributed optimizer on 8 ranks. Real `solo-train` runs under torchrun on gloo ranks, a tiny model
-on 256-token rows, micro batches of 2 rows; fp32 losses agree to rel 1e-5 (the layouts only
-reorder float sums)."""
+distributed optimizer on 8 ranks. Real `solo-train` runs under torchrun on gloo ranks (the one-rank
+references as one process, tests/warm.py), a tiny model on 256-token rows, micro batches of 2 rows;
+fp32 losses agree to rel 1e-5 (the layouts only reorder float sums)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 
 from tests.shard_fixtures import write_sources
 from tests.test_train import losses, stage_config
-from tests.torchrun import torchrun
+from tests.torchrun import free_port, torchrun
+from tests.warm import run_train
 
 pytestmark = pytest.mark.distributed
 
@@ -26,7 +28,12 @@ def parallel(tp: int = 1, pp: int = 1) -> dict:
 def run(root: Path, save_dir: Path, nproc: int, **extra) -> Path:
     config = stage_config(root, "stage1", save_dir=save_dir, **{"train_steps": STEPS, "save_interval_steps": 1,
                                                                  "keep_checkpoints": STEPS, **extra})
-    torchrun("-m solo.train", nproc, config)
+    if nproc > 1:
+        torchrun("-m solo.train", nproc, config)
+    else:  # the one-rank references: one process, as a user runs it on one machine, started warm
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+        done = run_train([config], env, root / f"{save_dir.name}.out", root / f"{save_dir.name}.err", timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return save_dir
 
 

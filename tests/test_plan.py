@@ -11,6 +11,7 @@ import yaml
 
 from solo.config import load_config
 from solo.plan import GIB, PlanError, activations, check_fits, make_plan
+from tests.warm import run_train
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "configs"
@@ -21,6 +22,12 @@ TINY = {"model": {"preset": "tiny", "num_layers": 4, "hidden_size": 128, "num_at
                   "num_query_groups": 1, "ffn_hidden_size": 344, "vocab_size": 1024},
         "precision": "fp32", "global_batch_size": 1, "data": {"seq_length_tokens": 256}}
 CPU_TOLERANCE = 0.15  # measured: within 12% (solo/plan.py's docstring)
+
+
+def _solo_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m solo.train ARGS`, started warm (tests/warm.py)."""
+    return run_train(list(args), {**os.environ, "PYTHONWARNINGS": "ignore"}, tmp_path / f"{len(args)}.out",
+                     tmp_path / f"{len(args)}.err", timeout=300)
 
 
 def _python(*args: str, **env) -> subprocess.CompletedProcess:
@@ -83,8 +90,8 @@ def test_check_fits_is_skipped_without_a_device_size():
     check_fits(load_config(CONFIGS / "stage1.yaml", NO_RECOMPUTE), None)  # the CPU: nothing to check
 
 
-def test_cli_prints_the_plan_and_exits_0():
-    proc = _python("-m", "solo.train", str(CONFIGS / "stage1.yaml"), "--plan", "--gpu-memory-gib", "80")
+def test_cli_prints_the_plan_and_exits_0(tmp_path):
+    proc = _solo_train(tmp_path, str(CONFIGS / "stage1.yaml"), "--plan", "--gpu-memory-gib", "80")
     assert proc.returncode == 0, proc.stderr
     for row in ("weights (bf16 param buffer)", "gradient buffer (fp32)", "optimizer shard (1/4)",
                 "activations (peak)", "per layer kept whole", "total"):
@@ -92,11 +99,11 @@ def test_cli_prints_the_plan_and_exits_0():
     assert "fits (+" in proc.stdout and "TP=2 x PP=1 x CP=1 x DP=4" in proc.stdout
 
 
-def test_cli_exits_2_with_the_change_when_asked_to_check_a_plan_that_does_not_fit():
-    proc = _python("-m", "solo.train", str(CONFIGS / "stage1.yaml"), *NO_RECOMPUTE, "--plan", "--gpu-memory-gib", "80")
+def test_cli_exits_2_with_the_change_when_asked_to_check_a_plan_that_does_not_fit(tmp_path):
+    proc = _solo_train(tmp_path, str(CONFIGS / "stage1.yaml"), *NO_RECOMPUTE, "--plan", "--gpu-memory-gib", "80")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("solo-train: error: the memory plan does not fit the device (80.0 GiB); "
                                   "smallest change that fits: recompute_granularity=full")
     assert "Traceback" not in proc.stderr and "DOES NOT FIT" in proc.stderr
-    shown = _python("-m", "solo.train", str(CONFIGS / "stage1.yaml"), *NO_RECOMPUTE, "--plan")
+    shown = _solo_train(tmp_path, str(CONFIGS / "stage1.yaml"), *NO_RECOMPUTE, "--plan")
     assert shown.returncode == 0 and "DOES NOT FIT" in shown.stdout  # --plan alone only shows it

@@ -41,6 +41,7 @@ from tests.shard_fixtures import write_sources
 from tests.test_train import run_train_single_process, stage_config
 from tests.tmpfs import full_disk_open, mount_tmpfs, resize_tmpfs, unmount
 from tests.torchrun import free_port, torchrun
+from tests.warm import run_train
 
 STEPS = 6  # train_steps of every run compared with the reference
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -482,17 +483,28 @@ def test_nonfinite_loss_stops_with_step_and_data_position_and_keeps_the_last_che
     assert_same_state(save_dir / "iter_0000002", reference / "iter_0000002")
 
 
+@pytest.fixture(scope="module")
+def skipped(root, reference) -> dict[str, Path]:
+    """Per fault: the reference recipe with `nonfinite_loss: skip`, the fault at step 3 and a
+    checkpoint after every step (one run serves both tests below)."""
+    runs = {}
+    for fault in FAULTS:
+        save_dir = root / "runs" / f"{fault}-skip"
+        cfg = config(root, save_dir, save_interval_steps=1, keep_checkpoints=STEPS, nonfinite_loss="skip")
+        proc = launch(cfg, env={"SOLO_FAULT_INJECT": f"{fault}@step=3"})
+        log = output(proc, timeout=600)  # 6 steps and 6 checkpoints: the other runs save 3
+        assert proc.returncode == 0, log[-4000:]
+        assert re.search(f"{FAULTS[fault]}; skipping this batch", log), log[-4000:]
+        runs[fault] = save_dir
+    return runs
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("fault", FAULTS)
-def test_nonfinite_loss_skip_leaves_the_weights_of_that_step_unchanged(root, fault):
-    save_dir = root / "runs" / f"{fault}-skip"
-    cfg = config(root, save_dir, train_steps=4, save_interval_steps=1, keep_checkpoints=4, nonfinite_loss="skip")
-    proc = launch(cfg, env={"SOLO_FAULT_INJECT": f"{fault}@step=3"})
-    log = output(proc)
-    assert proc.returncode == 0, log[-4000:]
-    assert re.search(f"{FAULTS[fault]}; skipping this batch", log), log[-4000:]
+def test_nonfinite_loss_skip_leaves_the_weights_of_that_step_unchanged(skipped, fault):
+    save_dir = skipped[fault]
     curve = losses(save_dir)
-    assert len(curve) == 4 and np.isfinite([curve[0], curve[1], curve[3]]).all()
+    assert len(curve) == STEPS and np.isfinite(curve[:2] + curve[3:]).all()
     assert np.isnan(curve[2]) == (fault == "nonfinite_loss")
     # Step 3 changed nothing, the schedule included: weights, Adam moments and step counts, LR as after step 2.
     assert_same_state(save_dir / "iter_0000002", save_dir / "iter_0000003", skip=("rng_state",))
@@ -509,16 +521,14 @@ def lrs(save_dir: Path) -> list[float]:
 
 
 @pytest.mark.distributed
-def test_a_skipped_step_does_not_advance_the_lr_schedule(root, reference):
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_skipped_step_does_not_advance_the_lr_schedule(skipped, reference, fault):
     """As Megatron-LM: the schedule steps on applied updates only. The logged lr is the one the next
-    step uses, so skipping step 2 shifts the whole curve by one step."""
-    save_dir = root / "runs" / "skip-lr"
-    proc = launch(config(root, save_dir, nonfinite_loss="skip"), env={"SOLO_FAULT_INJECT": "nonfinite_loss@step=2"})
-    log = output(proc)
-    assert proc.returncode == 0 and "skipping this batch" in log, log[-4000:]
-    faulty, clean = lrs(save_dir), lrs(reference)
-    assert faulty[1] == faulty[0] == clean[0]  # step 3 runs at the LR of step 2 of the clean run
-    assert faulty[1:] == clean[:-1] and faulty[-1] != clean[-1]
+    step uses, so skipping step 3 shifts the rest of the curve by one step."""
+    faulty, clean = lrs(skipped[fault]), lrs(reference)
+    assert faulty[:2] == clean[:2]
+    assert faulty[2] == faulty[1] == clean[1]  # step 4 runs at the LR of step 3 of the clean run
+    assert faulty[2:] == clean[1:-1] and faulty[-1] != clean[-1]
 
 
 # -- 7. Fuzzing the readers of untrusted input ---------------------------------------------------
@@ -921,25 +931,13 @@ def test_solo_convert_refuses_non_positive_counts_before_reading_anything(args, 
 
 
 def train_tp1(config_path: Path, *overrides: str, env: dict | None = None, timeout: float = 600):
-    """solo.train as one process (TP=1), as a user runs it on one machine. Output goes to files and
-    the process group is killed at the end: a SIGKILLed run leaves the checkpoint writer's
-    multiprocessing helpers behind, which would hold pipes open and outlive the test."""
+    """solo.train as one process (TP=1), as a user runs it on one machine, started warm
+    (tests/warm.py). Output goes to files and the process group is killed at the end: a SIGKILLed
+    run leaves the checkpoint writer's multiprocessing helpers behind, which would hold pipes open
+    and outlive the test."""
     env = {**ENV, "MASTER_PORT": str(free_port()), **(env or {})}
-    cmd = [sys.executable, "-m", "solo.train", str(config_path), "parallel.tensor_parallel=1", *overrides]
-    with open(config_path.with_suffix(f".{time.monotonic_ns()}.out"), "w+") as out, \
-            open(config_path.with_suffix(f".{time.monotonic_ns()}.err"), "w+") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    out, err = (config_path.with_suffix(f".{time.monotonic_ns()}{kind}") for kind in (".out", ".err"))
+    return run_train([config_path, "parallel.tensor_parallel=1", *overrides], env, out, err, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning end to end on CPU: solo-preprocess sft -> solo.train (torchrun, gloo) ->
+"""Supervised fine-tuning end to end on CPU: solo-preprocess sft -> solo.train (one gloo process) ->
 solo-convert solo-to-hf -> greedy generation. The token closing an assistant turn carries loss, so
 a tiny model learns to end its answer with it (chatml's <|im_end|> is an id >= 32000, the one
 exception to no loss there); the stage refuses shards of another template."""
@@ -18,7 +18,8 @@ import yaml
 from solo.data.batch import collate
 from solo.preprocess.cli import main as preprocess
 from solo.tokenizer import SOLOTokenizer
-from tests.torchrun import free_port, torchrun
+from tests.torchrun import free_port
+from tests.warm import run_train
 
 TOK = SOLOTokenizer.default()
 SEQ = 128
@@ -76,7 +77,10 @@ def test_a_tiny_sft_run_learns_to_end_its_answer(chatml_run):
     from solo.convert import generate
 
     root = chatml_run
-    torchrun("-m solo.train", 1, stage_config(root, "chatml", root / "shards"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    trained = run_train([stage_config(root, "chatml", root / "shards")], env, root / "train.out", root / "train.err",
+                        timeout=600)  # one process, started warm (tests/warm.py)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-5000:]
     checkpoint = resolve_checkpoint(root / "run")
     assert read_meta(checkpoint)["template"] == "chatml"
     proc = subprocess.run([sys.executable, "-m", "solo.convert.cli", "solo-to-hf", "--checkpoint", str(checkpoint),
@@ -98,8 +102,7 @@ def test_a_tiny_sft_run_learns_to_end_its_answer(chatml_run):
 def test_a_stage_refuses_shards_of_another_template(chatml_run, tmp_path):
     config = stage_config(tmp_path, "solo-inst", chatml_run / "shards", steps=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-m", "solo.train", str(config)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = run_train([config], env, tmp_path / "train.out", tmp_path / "train.err", timeout=300)  # tests/warm.py
     assert proc.returncode == 2
     assert "shard-00000: supervised shard laid out in template 'chatml'" in proc.stderr
     assert "data.template='solo-inst'" in proc.stderr

@@ -14,6 +14,7 @@ import yaml
 
 from tests.shard_fixtures import write_sources
 from tests.torchrun import free_port, torchrun
+from tests.warm import run_train
 
 pytestmark = pytest.mark.distributed
 
@@ -107,9 +108,11 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(curriculum, tmp_path):
 
 
 def run_train_single_process(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m solo.train CONFIG OVERRIDES` as one process, started warm (tests/warm.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
-    return subprocess.run([sys.executable, "-m", "solo.train", str(config), *overrides],
-                          capture_output=True, text=True, timeout=120, env=env)
+    stem = f".{time.monotonic_ns()}"
+    return run_train([config, *overrides], env, config.with_suffix(stem + ".out"), config.with_suffix(stem + ".err"),
+                     timeout=120)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -212,7 +215,7 @@ def test_the_read_ahead_is_closed_when_a_step_raises(tmp_path):
     write_sources(tmp_path / "shards")
     config = stage_config(tmp_path, "stage1", save_dir=tmp_path / "run")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-c", STEP_FAILS, str(config), "parallel.tensor_parallel=1"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = run_train([config, "parallel.tensor_parallel=1"], env, tmp_path / "out", tmp_path / "err", timeout=300,
+                     code=STEP_FAILS)  # tests/warm.py
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"error": "injected: the step failed", "closed": [True]}

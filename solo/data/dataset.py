@@ -121,14 +121,22 @@ class StageData:
     def rank_batch(self, step: int, dp_rank: int, dp_size: int, with_patches: bool = True) -> list:
         """This data-parallel rank's contiguous share of the global batch of `step` (`with_patches`:
         see `Shard.sample`)."""
+        return [self.read(i, with_patches) for i in self.rank_indices(step, dp_rank, dp_size)]
+
+    def rank_indices(self, step: int, dp_rank: int, dp_size: int) -> range:
+        """The blend indices of `rank_batch`."""
         per_rank = self.global_batch_size // dp_size
         start = step * self.global_batch_size + dp_rank * per_rank
-        return [self._read(i, with_patches) for i in range(start, start + per_rank)]
+        return range(start, start + per_rank)
 
-    def _read(self, i: int, with_patches: bool):
+    def read(self, i: int, with_patches: bool = True):
         """`self.blend[i]["sample"]`, the image bytes optional (BlendedDataset's own lookup)."""
         dataset = self.blend.datasets[self.blend.dataset_index[i]]
         return dataset.read(int(self.blend.dataset_sample_index[i]), with_patches)
+
+    def shard_of(self, i: int) -> str:
+        """The prefix of the shard blend sample `i` comes from."""
+        return self.blend.datasets[self.blend.dataset_index[i]].dataset.prefix
 
 
 # megatron-core's IndexedDataset memory-maps each .idx and .bin, and every map holds a file

@@ -11,10 +11,16 @@ output folder OUT and shard k, prefix = OUT/shard-{k:05d}:
   >= 32000 (but the template's stop id, chatml's `<|im_end|>`) nor on `<s>` (every document
   starts with it); solo-preprocess also leaves it 0 on the first token of every sequence, which
   has nothing before it to be predicted from.
-* `{prefix}.pixels.bin/.idx`  uint8. One sequence per image: its patches as `solo.vision.patchify`
-  gives them (row-major grid, (channel, row, column) inside a patch), flattened, so a sequence is
-  n_patches * 3 * P * P values; grouped per packed sample in the order the images' `<vpatch>` runs
-  appear. A sample without images has an empty group (megatron-core accepts it: two equal
+* `{prefix}.pixels.bin/.idx`  uint8. One sequence per image, grouped per packed sample in the order
+  the images' `<vision>` spans appear; what a sequence holds is the manifest's `pixels.kind`:
+  `raw` (the default; also a manifest without `pixels`): the image's patches as
+  `solo.vision.patchify` gives them (row-major grid, (channel, row, column) inside a patch),
+  flattened: n_patches * 3 * P * P values. `jpeg` / `png`: the resized image (sides multiples of P)
+  as one JPEG / PNG file (`solo.vision.encode_stored_image`; the manifest also records the JPEG
+  `quality` and chroma `subsampling`), decoded back into the same patches on read. Its grid is not
+  stored again: the image's token span `<vision>` (cols x `<vpatch>`, `<vrow_sep>`)... `</vision>`
+  says rows and cols, and a file whose header says another size is refused before decoding.
+  A sample without images has an empty group (megatron-core accepts it: two equal
   document_indices). A shard without any image has an empty pixels.bin, which numpy cannot
   memory-map: it is opened with megatron-core's file reader instead.
 * `{prefix}.json`             the shard manifest: source and options, `counts` (documents,
@@ -40,7 +46,10 @@ missing or resized files, checksum mismatch, tokens/loss index disagreement, ...
 packed samples; `shard.sample(i)` -> `PackedSample` (tokens, loss_mask, document_lengths, patches);
 `shard.manifest`; `read_shard_manifest(prefix)` (checked, without opening the data);
 `read_folder_manifest(folder)`. Writing: `ShardWriter` (used by solo-preprocess),
-which takes patches as arrays or as `PatchesInFile` (a byte range of a file, copied by the kernel).
+which takes patches as arrays or as `PatchesInFile` (a byte range of a file, copied by the kernel
+for raw storage), and `pixels="raw" | "jpeg" | "png"` with `jpeg_quality`, `jpeg_subsampling`.
+Every kind reads back as the same `PackedSample` (uint8 patches in training order); PIL encodes
+and decodes (solo.vision).
 
 megatron-core is imported inside the functions that need it: importing it costs seconds (it pulls
 in torch and the whole core package), and the preprocessing CLI must answer argument errors and
@@ -71,6 +80,7 @@ from solo.fileio import (
     temp_path,
 )
 from solo.tokenizer import SP_VOCAB_SIZE, TOKEN_IDS, VOCAB_SIZE
+from solo.vision import JPEG_SUBSAMPLINGS, PIXEL_KINDS, decode_stored_image, encode_stored_image
 
 # Shards are local files written by kernel copy under temp names: megatron-core's I/O must not go
 # through multi-storage-client (megatron_patches/local_files.py). Applied on import, since
@@ -81,6 +91,7 @@ PARTS = {"tokens": np.int32, "loss": np.uint8, "pixels": np.uint8}
 FORMAT_VERSION = 1
 BOS_ID = TOKEN_IDS.bos_id
 PATCH_ID = TOKEN_IDS.patch_id
+VISION_START_ID, VISION_END_ID, ROW_SEP_ID = TOKEN_IDS.vision_start_id, TOKEN_IDS.vision_end_id, TOKEN_IDS.row_sep_id
 LOSS_FLAGS = (0, 1)
 
 
@@ -143,6 +154,63 @@ def _read_patches(p: PatchesInFile) -> np.ndarray:
     return np.frombuffer(read_range(p.fd, p.offset, p.nbytes), np.uint8)
 
 
+@dataclass(frozen=True)
+class PixelStorage:
+    """How a shard stores its images (the module docstring); `entry()` is the manifest's `pixels`."""
+
+    kind: str = "raw"
+    jpeg_quality: int = 95
+    jpeg_subsampling: str = "4:4:4"
+
+    def __post_init__(self):
+        if self.kind not in PIXEL_KINDS:
+            raise ValueError(f"pixel storage {self.kind!r}: one of {', '.join(PIXEL_KINDS)}")
+        if type(self.jpeg_quality) is not int or not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg quality {self.jpeg_quality!r}: an int in [1, 100]")
+        if self.jpeg_subsampling not in JPEG_SUBSAMPLINGS:
+            raise ValueError(f"jpeg subsampling {self.jpeg_subsampling!r}: one of {', '.join(JPEG_SUBSAMPLINGS)}")
+
+    def entry(self) -> dict:
+        if self.kind == "jpeg":
+            return {"kind": "jpeg", "quality": self.jpeg_quality, "subsampling": self.jpeg_subsampling}
+        return {"kind": self.kind}
+
+    @classmethod
+    def of_manifest(cls, manifest: dict, where: str) -> PixelStorage:
+        """The storage a shard manifest records (none recorded: raw, as before the option existed)."""
+        entry = manifest.get("pixels", {"kind": "raw"})
+        try:
+            if not isinstance(entry, dict) or set(entry) - {"kind", "quality", "subsampling"}:
+                raise ValueError("an object {kind, quality, subsampling}")
+            storage = cls(entry.get("kind"), entry.get("quality", 95), entry.get("subsampling", "4:4:4"))
+            if storage.entry() != entry:
+                raise ValueError("quality and subsampling belong to jpeg, and jpeg records both")
+        except ValueError as e:
+            raise ShardError(f"{where}: bad 'pixels' {entry!r} in the manifest: {e}") from None
+        return storage
+
+
+def image_grids(tokens: np.ndarray) -> list[tuple[int, int]]:
+    """(rows, cols) of every image in `tokens`, in order, from its span `<vision>` row
+    (`<vrow_sep>` row)... `</vision>`, a row being cols x `<vpatch>` (solo.vision.image_token_ids).
+    ValueError names the first span that is not such a grid."""
+    starts = np.flatnonzero(tokens == VISION_START_ID)
+    ends = np.flatnonzero(tokens == VISION_END_ID)
+    if len(starts) != len(ends) or np.any(ends < starts) or np.any(starts[1:] < ends[:-1]):
+        raise ValueError(f"<vision> at {starts.tolist()[:8]} and </vision> at {ends.tolist()[:8]} do not pair up")
+    grids = []
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        span = tokens[start + 1:end]
+        rows = int(np.count_nonzero(span == ROW_SEP_ID)) + 1
+        cols = (len(span) + 1) // rows - 1  # each row is cols <vpatch> and one separator, but the last
+        expected = np.full(max(rows * (cols + 1) - 1, 0), PATCH_ID, np.int32)
+        expected[cols::cols + 1] = ROW_SEP_ID
+        if cols < 1 or not np.array_equal(span, expected):
+            raise ValueError(f"the image at token {start} is not a grid of <vpatch> rows")
+        grids.append((rows, cols))
+    return grids
+
+
 @contextmanager
 def _writing(prefix: Path) -> Iterator[None]:
     """A full disk (ENOSPC) or another OS error while writing becomes a ShardError naming the shard."""
@@ -157,17 +225,20 @@ class ShardWriter:
 
     Every sample is checked against the format's rules (a ShardError names the sample), and the
     writer counts what it sees; `finish` puts those counts, the file sizes and checksums into the
-    manifest and renames the manifest into place last.
+    manifest and renames the manifest into place last. `pixels`: how images are stored (raw patches,
+    or the image as one JPEG (`jpeg_quality`, `jpeg_subsampling`) / PNG file; module docstring).
     """
 
     def __init__(self, prefix: str | Path, patch_size: int, seq_length: int | None = None,
-                 stop_id: int | None = None):
+                 stop_id: int | None = None, pixels: str = "raw", jpeg_quality: int = 95,
+                 jpeg_subsampling: str = "4:4:4"):
         import torch  # megatron-core's add_item takes a tensor (zero-copy from numpy)
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self._torch = torch
         self.prefix = Path(prefix)
         self.patch_dim = 3 * patch_size**2
+        self.storage = PixelStorage(pixels, jpeg_quality, jpeg_subsampling)
         self.seq_length = seq_length
         self.stop_id = stop_id  # the template's turn-closing id: may carry loss (solo.templates)
         self.tmp = {part: temp_path(f"{self.prefix}.{part}") for part in PARTS}
@@ -205,12 +276,25 @@ class ShardWriter:
         if n_vpatch != sum(p.shape[0] for p in patches):
             raise ShardError(f"{where}: {n_vpatch} <vpatch> tokens but {sum(p.shape[0] for p in patches)} patches")
 
+    def _grids(self, tokens: np.ndarray, patches: list) -> list[tuple[int, int]]:
+        """The images' grids, which an encoded image is stored in (checked against the patches)."""
+        where = f"{self.prefix}: sample {self.samples}"
+        try:
+            grids = image_grids(tokens)
+        except ValueError as e:
+            raise ShardError(f"{where}: {self.storage.kind} storage needs each image's grid: {e}") from None
+        if [r * c for r, c in grids] != [p.shape[0] for p in patches]:
+            raise ShardError(f"{where}: {self.storage.kind} storage needs each image's grid: the tokens hold "
+                             f"grids {grids}, the images {[p.shape[0] for p in patches]} patches")
+        return grids
+
     def add_sample(self, sample: PackedSample) -> None:
         lengths = [int(n) for n in sample.document_lengths]
         tokens = np.asarray(sample.tokens, dtype=np.int32)
         loss = np.asarray(sample.loss_mask, dtype=np.uint8)
         patches = [p if isinstance(p, PatchesInFile) else np.asarray(p) for p in sample.patches]
         self._check(tokens, loss, lengths, patches)
+        grids = self._grids(tokens, patches) if self.storage.kind != "raw" else None
         with _writing(self.prefix):
             # IndexedDatasetBuilder.add_document takes any array-like (it calls numpy.array on it).
             self.builders["tokens"].add_document(tokens, lengths)
@@ -219,8 +303,14 @@ class ShardWriter:
             # per sample, and fresh pages cost more than the copies themselves.
             pixels = self.builders["pixels"]
             fd = fileno_or_none(pixels.data_file)
-            for p in patches:
-                if isinstance(p, PatchesInFile) and fd is not None:
+            for k, p in enumerate(patches):
+                if grids is not None:
+                    array = _read_patches(p).reshape(p.shape) if isinstance(p, PatchesInFile) else p
+                    encoded = encode_stored_image(array, *grids[k], self.storage.kind,
+                                                  jpeg_quality=self.storage.jpeg_quality,
+                                                  jpeg_subsampling=self.storage.jpeg_subsampling)
+                    pixels.add_item(self._torch.frombuffer(bytearray(encoded), dtype=self._torch.uint8))
+                elif isinstance(p, PatchesInFile) and fd is not None:
                     # What add_item does, minus its two copies in memory: bytes, then the length.
                     pixels.data_file.flush()
                     copy_range(p.fd, fd, p.offset, p.nbytes)
@@ -264,7 +354,7 @@ class ShardWriter:
                 counts["padding_tokens"] = capacity - counts["tokens"]
                 counts["fill"] = round(counts["tokens"] / capacity, 6) if capacity else 0.0
             manifest = {**manifest, "format_version": FORMAT_VERSION, "samples": self.samples,
-                        "counts": counts, "token_id_range": self.token_id_range,
+                        "counts": counts, "pixels": self.storage.entry(), "token_id_range": self.token_id_range,
                         "loss_flags": sorted(self.loss_flags), "files": files}
             atomic_write_json(f"{self.prefix}.json", manifest)
         return manifest
@@ -287,7 +377,9 @@ class Shard:
         self.prefix, self.manifest, self.parts = str(prefix), manifest, parts
         self._token_docs = parts["tokens"].document_indices
         self._pixel_docs = parts["pixels"].document_indices
-        self.patch_dim = 3 * manifest["patch_size"] ** 2
+        self.patch_size = manifest["patch_size"]
+        self.patch_dim = 3 * self.patch_size ** 2
+        self.storage = PixelStorage.of_manifest(manifest, self.prefix)
 
     def __len__(self) -> int:
         return len(self._token_docs) - 1
@@ -303,12 +395,30 @@ class Shard:
         tokens = np.concatenate(self.parts["tokens"][start:end]) if lengths else np.zeros(0, np.int32)
         loss = np.concatenate(self.parts["loss"][start:end]) if lengths else np.zeros(0, np.uint8)
         p0, p1 = int(self._pixel_docs[i]), int(self._pixel_docs[i + 1])
-        # Copied out: megatron-core closes its memory map when the IndexedDataset is collected, and
-        # a view that outlived it would crash the process on access.
-        patches = ([np.array(p).reshape(-1, self.patch_dim) for p in self.parts["pixels"][p0:p1]]
-                   if p1 > p0 and with_patches else [])
+        patches = self._patches(i, tokens, p0, p1) if p1 > p0 and with_patches else []
         return PackedSample(tokens=tokens, loss_mask=loss, document_lengths=lengths, patches=patches,
                             origin=f"{self.prefix} sample {i}")
+
+    def _patches(self, i: int, tokens: np.ndarray, p0: int, p1: int) -> list[np.ndarray]:
+        stored = self.parts["pixels"][p0:p1]
+        if self.storage.kind == "raw":
+            # Copied out: megatron-core closes its memory map when the IndexedDataset is collected,
+            # and a view that outlived it would crash the process on access.
+            return [np.array(p).reshape(-1, self.patch_dim) for p in stored]
+        where = f"{self.prefix}: sample {i}"
+        try:
+            grids = image_grids(tokens)
+        except ValueError as e:
+            raise ShardError(f"{where}: {e}") from None
+        if len(grids) != len(stored):
+            raise ShardError(f"{where}: {len(grids)} images in the tokens, {len(stored)} stored")
+        patches = []
+        for k, (data, (rows, cols)) in enumerate(zip(stored, grids, strict=True)):
+            try:
+                patches.append(decode_stored_image(data.data, self.storage.kind, rows, cols, self.patch_size))
+            except ValueError as e:
+                raise ShardError(f"{where}: image {k}: {e}") from None
+        return patches
 
 
 def read_shard_manifest(prefix: str | Path) -> dict:
@@ -328,6 +438,7 @@ def read_shard_manifest(prefix: str | Path) -> dict:
     if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise ShardError(f"{path}: shard format version {manifest.get('format_version')}, this reader "
                          f"reads version {FORMAT_VERSION}")
+    PixelStorage.of_manifest(manifest, str(path))
     return manifest
 
 

@@ -7,9 +7,14 @@
     solo-preprocess captions --input energon_ds/ --split val --output shards/val
     solo-preprocess html     --input 'websight/*.parquet' --output shards/websight
     solo-preprocess sft      --input llava.json --images llava/images --output shards/llava [--template chatml]
+    solo-preprocess sft      --input all_data.jsonl --output shards/sft --holdout-fraction 0.01  (+ shards/sft/heldout)
     solo-preprocess text     --input 'slimpajama/*.jsonl.zst' --output shards/slimpajama \
                              --exclude-subsets RedPajamaCommonCrawl,RedPajamaC4
     solo-preprocess stats shards/cc3m [--per-shard]
+    solo-preprocess captions ... --num-nodes 8 --node-rank 3      (one machine's part; SLURM arrays: implied)
+    solo-preprocess finalize shards/cc3m                           (after all nodes, if none completed it)
+    solo-preprocess captions --input 'cc3m/*' --output shards/cc3m-jpeg --pixels jpeg   (the image as JPEG q95)
+    solo-preprocess stats shards/cc3m [--per-shard] [--tokens 22B]
 
 argparse lives here only. Arguments and inputs are checked before any work: a wrong one exits
 with status 2 and a message naming the path. So does an OS error during the run (a full disk, an
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from solo.preprocess.formats import STREAM_SUFFIXES, TAR_SUFFIXES, InputError, parse_fields, stream_format
 from solo.templates import SFT_TEMPLATES
+from solo.vision import JPEG_SUBSAMPLINGS, PIXEL_KINDS
 
 # Records per shard: enough tokens per shard that the last, partly filled sample costs < 1% at
 # seq_length 32768 (e.g. 8192 ImageNet images of ~300 tokens = 75 samples), few enough that a
@@ -91,6 +97,43 @@ def _int_at_least(least: int):
 positive, non_negative = _int_at_least(1), _int_at_least(0)
 
 
+_TOKEN_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def token_count(text: str) -> int:
+    """An argparse type: a positive number of tokens, `22B`, `4.5e9`, `300M`, `22000000000`."""
+    scale = _TOKEN_SUFFIXES.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens (22B, 4.5e9, 300M), got {text!r}") from None
+    if not 1 <= value < 1e18:
+        raise argparse.ArgumentTypeError(f"must be at least 1 token, got {text!r}")
+    return round(value)
+
+
+token_count.__name__ = "token count"
+
+
+def _int_in(low: int, high: int):
+    at_least = _int_at_least(low)
+
+    def parse(text: str) -> int:
+        if (value := at_least(text)) > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output", required=True, help="folder of shards (created; a rerun resumes it)")
@@ -105,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per shard (default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_SHARD_SIZE.items()) + ")")
     common.add_argument("--seed", type=non_negative, default=0, help="record and document order (>= 0)")
+    common.add_argument("--num-nodes", type=positive, default=None,
+                        help="machines writing the one --output folder, each its block of the shard plan (default: "
+                        "SLURM_ARRAY_TASK_COUNT in a job array, SLURM_STEP_NUM_TASKS in an srun step, else 1)")
+    common.add_argument("--node-rank", type=non_negative, default=None,
+                        help="this machine's place among them, below --num-nodes (default: from SLURM_ARRAY_TASK_ID "
+                        "and _MIN/_STEP, or SLURM_PROCID in an srun step)")
+    common.add_argument("--pixels", choices=PIXEL_KINDS, default="raw",
+                        help="how shards store images: raw uint8 patches (3,072 B per vision token, read by memory "
+                        "map), or the resized image as one jpeg or png file, decoded when read (README, pixel storage)")
+    common.add_argument("--jpeg-quality", type=_int_in(1, 100), default=None,
+                        help="--pixels jpeg: quality (default 95)")
+    common.add_argument("--jpeg-subsampling", choices=JPEG_SUBSAMPLINGS, default=None,
+                        help="--pixels jpeg: chroma subsampling (default 4:4:4, full colour resolution)")
+    common.add_argument("--holdout-fraction", type=_fraction, default=0.0, metavar="F",
+                        help="hold this share of the records out of --output, deterministically (by a hash of "
+                        "seed and record key), and write them to OUTPUT/heldout for validation (default 0: none)")
 
     parser = argparse.ArgumentParser(prog="solo-preprocess", description=__doc__.split("\n\nargparse")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="summary of a shard folder (its totals, as in the paper's Table 1)")
     p.add_argument("folder")
     p.add_argument("--per-shard", action="store_true", help="a row per shard above the totals")
+    p.add_argument("--tokens", type=token_count, default=None, metavar="N",
+                   help="project the folder's bytes per token onto N tokens (22B, 4.5e9, 300M; default: "
+                   "22B, the paper's three stages)")
+    p = sub.add_parser("finalize", help="complete manifest.json of a folder written by several nodes",
+                       description="Writes the complete manifest.json once every planned shard is there (the last "
+                       "node does so itself; this is for file systems that show other machines' files late). "
+                       "Exits 2 naming the missing shards and their nodes otherwise.")
+    p.add_argument("folder")
     return parser
 
 
@@ -266,13 +333,26 @@ def _check_options(args) -> None:
     # Each value alone is checked by its argparse type; here what depends on several, or on files.
     if args.max_side % args.patch_size:
         raise InputError(f"--max-side {args.max_side} is not a multiple of --patch-size {args.patch_size}")
+    if args.pixels != "jpeg" and (given := [f for f in ("jpeg_quality", "jpeg_subsampling") if getattr(args, f)]):
+        raise InputError(f"--{given[0].replace('_', '-')} applies to --pixels jpeg, not --pixels {args.pixels}")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise InputError(f"--output {args.output} exists and is not a folder")
     _require(args.tokenizer, "--tokenizer")
 
 
+def _node_split(parser: argparse.ArgumentParser, args):
+    from solo.preprocess.nodes import split_from
+
+    try:
+        return split_from(args.num_nodes, args.node_rank, os.environ)
+    except ValueError as e:
+        parser.error(str(e))  # exit 2, before any work
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    split = _node_split(parser, args) if args.command not in ("stats", "finalize") else None
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("solo.preprocess").setLevel(logging.INFO)
     from solo.data.shards import ShardError
@@ -282,11 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stats":
             from solo.preprocess.stats import report
 
-            text, documents = report(args.folder, per_shard=args.per_shard)
+            text, documents = report(args.folder, per_shard=args.per_shard,
+                                     **({"tokens": args.tokens} if args.tokens else {}))
             print(text)
             if documents == 0:
                 raise ShardError(f"{args.folder}: its shards hold no documents (every record was skipped)")
             return 0
+        if args.command == "finalize":
+            return _finalize(args.folder)
         _check_options(args)
         source = build_source(args)
         from solo.preprocess.documents import Layout
@@ -295,12 +378,22 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = SOLOTokenizer(args.tokenizer) if args.tokenizer else SOLOTokenizer.default()
         options = Options(args.seq_length, args.patch_size, args.max_side, args.seed,
-                          args.shard_size or DEFAULT_SHARD_SIZE[args.command])
+                          args.shard_size or DEFAULT_SHARD_SIZE[args.command], _pixel_storage(args))
         layout = Layout(tokenizer, args.seq_length, args.patch_size, args.max_side,
                         image_first=getattr(args, "image_position", "first") == "first",
                         template=args.template if args.command == "sft" else "plain")
-        manifest = run(source, layout, options, Path(args.output), args.workers)
-        if manifest["totals"]["documents"] == 0:
+        if args.holdout_fraction:
+            from solo.preprocess.holdout import HELDOUT_FOLDER, run_with_holdout
+
+            manifest, heldout = run_with_holdout(source, layout, options, Path(args.output), args.workers,
+                                                 args.holdout_fraction, split)
+            if heldout["complete"] and heldout["totals"]["documents"] == 0:
+                raise UsageError(f"--holdout-fraction {args.holdout_fraction}: no documents held out in "
+                                 f"{Path(args.output) / HELDOUT_FOLDER} ({heldout['totals']['records']:,} records; "
+                                 f"{skip_summary(heldout['skipped'])}): hold out a larger fraction")
+        else:
+            manifest = run(source, layout, options, Path(args.output), args.workers, split)
+        if manifest["complete"] and manifest["totals"]["documents"] == 0:
             raise UsageError(f"--output {args.output}: no documents from {manifest['totals']['records']:,} records "
                              f"({skip_summary(manifest['skipped'])})")
     except (InputError, UsageError, ShardError) as e:
@@ -314,6 +407,23 @@ def main(argv: list[str] | None = None) -> int:
         print("solo-preprocess: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130
     return 0
+
+
+def _finalize(folder: str) -> int:
+    from solo.preprocess.nodes import finalize
+    from solo.preprocess.output import UsageError
+
+    manifest = finalize(Path(folder))
+    t = manifest["totals"]
+    if t["documents"] == 0:
+        raise UsageError(f"{folder}: no documents from {t['records']:,} records")
+    print(f"{folder}: complete, {manifest['shards_complete']} shards, {t['documents']:,} documents, "
+          f"{t['samples']:,} samples")
+    return 0
+def _pixel_storage(args):
+    from solo.data.shards import PixelStorage
+
+    return PixelStorage(args.pixels, args.jpeg_quality or 95, args.jpeg_subsampling or "4:4:4")
 
 
 def _disk_full(error_number: int | None) -> str:

@@ -233,8 +233,10 @@ def padded_images(doc: Document, tokenizer: SOLOTokenizer, patch_size: int) -> i
     starts = np.flatnonzero(tokens == tokenizer.vision_start_id)
     count = 0
     for patches, start in zip(doc.patches, starts, strict=False):
+        # The first row ends at the first token that is no patch: `<vrow_sep>`, or the template's
+        # closing id (`</vision>`, or `<vision>` again in solo-inst: a one-row image ends there).
         row = tokens[start + 1:start + 2 + len(patches)]
-        cols = int(np.argmax((row == tokenizer.row_sep_id) | (row == tokenizer.vision_end_id)))
+        cols = int(np.argmax(row != tokenizer.patch_id))
         count += letterboxed(patches, cols, patch_size)
     return count
 

@@ -3,7 +3,8 @@
 A shard is complete when its manifest exists (solo.data.shards renames it last). Every shard
 manifest carries the sha256 of the run's spec (inputs, options, tokenizer, tool version), so a
 rerun with other inputs or options into the same folder is refused instead of mixing shards.
-fcntl's flock keeps two runs apart; it is released by the kernel when a run dies.
+fcntl's flock keeps two runs on one machine apart; it is released by the kernel when a run dies.
+Runs split across machines (`--num-nodes`) coordinate without it: see nodes.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from solo.data.shards import FORMAT_VERSION, ShardError, read_shard_manifest
-from solo.fileio import TEMP_PREFIX, atomic_write_json, fsync_dir
+from solo.fileio import TEMP_PREFIX, atomic_write, fsync_dir
 from solo.preprocess import __version__
 from solo.preprocess.documents import template_of
 
@@ -26,8 +27,8 @@ class UsageError(ValueError):
     """Wrong arguments or inputs, found before any work: exit status 2."""
 
 
-def lock(out: Path, wait_s: float = 10.0):
-    handle = open(out / ".lock", "w")
+def lock(out: Path, wait_s: float = 10.0, name: str = ".lock", holder: str = "another solo-preprocess process"):
+    handle = open(out / name, "w")
     deadline = time.monotonic() + wait_s  # the workers of a just-killed run may still be exiting
     while True:
         try:
@@ -36,7 +37,7 @@ def lock(out: Path, wait_s: float = 10.0):
         except BlockingIOError:
             if time.monotonic() > deadline:
                 handle.close()
-                raise UsageError(f"{out} is being written by another solo-preprocess process") from None
+                raise UsageError(f"{out} is being written by {holder}") from None
             time.sleep(0.1)
 
 
@@ -68,6 +69,18 @@ def complete_shards(out: Path, spec_sha: str) -> dict[int, dict]:
 
 
 def folder_manifest(out: Path, spec: dict, spec_sha: str, planned: int, done: dict[int, dict]) -> dict:
+    manifest = summarize(spec, spec_sha, planned, done)
+    atomic_write(out / "manifest.json", manifest_bytes(manifest))
+    return manifest
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """manifest.json's bytes: one encoding, so whichever node writes it writes the same file."""
+    return (json.dumps(manifest, indent=1) + "\n").encode()
+
+
+def summarize(spec: dict, spec_sha: str, planned: int, done: dict[int, dict]) -> dict:
+    """The folder manifest of the complete shards `done`: a pure function of their manifests."""
     keys = ("records", "documents", "sequences", "samples", "tokens", "text_tokens", "loss_tokens",
             "vision_tokens", "images", "padding_tokens", "truncated", "padded_images")
     totals = {k: sum(m["counts"].get(k, 0) for m in done.values()) for k in keys}
@@ -92,16 +105,28 @@ def folder_manifest(out: Path, spec: dict, spec_sha: str, planned: int, done: di
                     "bytes": sum(f["bytes"] for f in m["files"].values())}
                    for k, m in sorted(done.items())],
     }
-    atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def remove_stale_temps(out: Path) -> None:
+def remove_stale_temps(out: Path, shards: range | None = None) -> None:
     """What a killed or failed run leaves (never visible as shards), removed before writing again:
-    temp files, and the parts of a shard stopped while renaming them, before its manifest."""
+    temp files, and the parts of a shard stopped while renaming them, before its manifest.
+    `shards`: only the files of these (a node of a split run leaves the other nodes' files alone:
+    they may be writing them right now)."""
+    def mine(name: str) -> bool:
+        return shards is None or shard_number(name) in shards
+
     for stale in out.glob(f"{TEMP_PREFIX}*"):
-        stale.unlink()
+        if mine(stale.name[len(TEMP_PREFIX):]):
+            stale.unlink()
     for part in out.glob("shard-*.*.*"):  # shard-00003.tokens.bin, ...
-        if not (out / f"{part.name.split('.')[0]}.json").exists():
+        if mine(part.name) and not (out / f"{part.name.split('.')[0]}.json").exists():
             part.unlink()
     fsync_dir(out)
+
+
+def shard_number(name: str) -> int:
+    """3 for 'shard-00003.tokens.bin' (and 'shard-00003.spill'), -1 for a name of no shard."""
+    stem = name.split(".")[0]
+    digits = stem[len("shard-"):]
+    return int(digits) if stem.startswith("shard-") and digits.isdigit() else -1

@@ -5,9 +5,9 @@ options (documents shuffled with (seed, shard), packed by `packing.pack`, writte
 `solo.data.shards.ShardWriter`), so `--workers` never changes the output. A complete shard is one
 whose manifest exists; a rerun skips those, deletes stale `.tmp-*` files and writes the rest. Workers
 ask the kernel to kill them when the parent dies, so a killed run leaves no writer behind (the
-output folder's bookkeeping is in `output.py`). A run that fails (a full disk, say) stops the other
-workers and removes every temporary; the CLI names the file and the rerun finishes the folder.
-tqdm shows records/s and tokens/s.
+output folder's bookkeeping is in `output.py`; a run split across machines, in `nodes.py`). A run
+that fails (a full disk, say) stops the other workers and removes every temporary; the CLI names
+the file and the rerun finishes the folder. tqdm shows records/s and tokens/s.
 
 Decoded patches are large (3 KiB per vision token), so a worker spills them to a temporary file in
 arrival order and the kernel copies them into the shard in packed order (os.copy_file_range):
@@ -24,15 +24,16 @@ import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from solo.data.shards import PackedSample, PatchesInFile, ShardWriter
+from solo.data.shards import PackedSample, PatchesInFile, PixelStorage, ShardWriter
 from solo.fileio import discard, naming, temp_path
-from solo.preprocess import __version__, output
+from solo.preprocess import __version__, nodes, output
 from solo.preprocess.documents import Document, Layout, Skip, build, padded_images, template_of
+from solo.preprocess.nodes import ONE_MACHINE, NodeSplit
 from solo.preprocess.packing import pack
 from solo.preprocess.sources import ShardTask
 from solo.templates import get_template
@@ -59,6 +60,7 @@ class Options:
     max_side: int
     seed: int
     shard_size: int
+    pixels: PixelStorage = field(default_factory=PixelStorage)  # how shards store images (solo.data.shards)
 
 
 def shard_prefix(out: Path, k: int) -> Path:
@@ -97,7 +99,8 @@ def write_shard(task: ShardTask, source, layout: Layout, options: Options, out: 
     """Read, build, pack and write shard `task.index`; returns its manifest."""
     prefix = shard_prefix(out, task.index)
     writer = ShardWriter(prefix, options.patch_size, options.seq_length,
-                         stop_id=get_template(template_of(spec_kind, layout)).stop_id)
+                         stop_id=get_template(template_of(spec_kind, layout)).stop_id, pixels=options.pixels.kind,
+                         jpeg_quality=options.pixels.jpeg_quality, jpeg_subsampling=options.pixels.jpeg_subsampling)
     spill = _Spill(temp_path(f"{prefix}.spill"))
     try:
         docs: list[tuple[np.ndarray, np.ndarray, list]] = []
@@ -235,6 +238,10 @@ def _parallel_map(ctx, workers: int):
     return map_fn
 
 
+def _nothing() -> None:
+    return None
+
+
 class _Progress:
     """The tqdm bar (records/s, tokens/s) and the folder manifest, rewritten at most every 2 s."""
 
@@ -260,38 +267,55 @@ class _Progress:
         self.bar.close()
 
 
-def run(source, layout: Layout, options: Options, out: Path, workers: int) -> dict:
-    """Write every missing shard of `source` into `out`; returns the folder manifest."""
+def run(source, layout: Layout, options: Options, out: Path, workers: int, split: NodeSplit = ONE_MACHINE) -> dict:
+    """Write every missing shard of `source` into `out` (with `split`: this node's block of them);
+    returns the folder manifest."""
     out.mkdir(parents=True, exist_ok=True)
-    lock = output.lock(out)
+    lock = nodes.lock(out, split)
     _skip_warnings.clear()  # forked workers start from this
     pool = progress = None
+    tasks: list[ShardTask] = []
     try:
         _import_megatron()
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         t0 = time.monotonic()
         tasks = source.plan(options.shard_size, options.seed, _parallel_map(ctx, workers))
         spec, spec_sha = output.spec_of(source, layout, options)
+        nodes.check_folder(out, spec, spec_sha, len(tasks), split)
         done = output.complete_shards(out, spec_sha)
-        output.remove_stale_temps(out)
-        todo = [t for t in tasks if t.index not in done]
-        log.info("%s: %d records in %d shards (%d complete, %d to write), planned in %.1fs, %d workers",
+        mine = split.shards(len(tasks))
+        todo = [t for t in tasks if t.index in mine and t.index not in done]
+        log.info("%s: %d records in %d shards (%d complete, %d to write%s), planned in %.1fs, %d workers",
                  source.kind, sum(t.records for t in tasks), len(tasks), len(done), len(todo),
+                 f" as {split}: shards {mine.start}-{mine.stop - 1}" if split.split else "",
                  time.monotonic() - t0, workers)
 
-        def write_manifest() -> dict:
-            return output.folder_manifest(out, spec, spec_sha, len(tasks), done)
+        if split.split:
+            # A node writes manifest.json once (incomplete) and the last node the complete one: a
+            # node's progress rewrite could land after the last node's and undo it.
+            nodes.start(out, spec, spec_sha, len(tasks), done, split)
 
-        manifest = write_manifest()
-        if not todo:
-            return manifest
+            def write_manifest() -> dict:
+                return nodes.finish(out, spec, spec_sha, len(tasks), split)
+
+            progress_manifest = _nothing
+        else:
+            output.remove_stale_temps(out)
+
+            def write_manifest() -> dict:
+                return output.folder_manifest(out, spec, spec_sha, len(tasks), done)
+
+            progress_manifest = write_manifest
+            manifest = write_manifest()
+            if not todo:
+                return manifest
         if workers > 1 and len(todo) > 1:
             # Forked before tqdm starts its monitor thread (a fork copies no thread, only its locks).
             queue = ctx.SimpleQueue()
             state = {"source": source, "layout": layout, "options": options, "out": out, "spec_sha": spec_sha,
                      "kind": source.kind, "planned": len(tasks), "queue": queue, "parent_pid": os.getpid()}
             pool = ctx.Pool(min(workers, len(todo)), _init_worker, (state,))
-        progress = _Progress(sum(t.records for t in todo), source.kind, write_manifest)
+        progress = _Progress(sum(t.records for t in todo), source.kind, progress_manifest)
         if pool is None:
             for task in todo:
                 done[task.index] = write_shard(task, source, layout, options, out, spec_sha, source.kind,
@@ -313,7 +337,8 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
         manifest = write_manifest()
         t = manifest["totals"]
         log.info("done: %d shards, %d documents -> %d samples, fill %.2f%%; %s",
-                 len(done), t["documents"], t["samples"], 100 * t["fill"], skip_summary(manifest["skipped"]))
+                 manifest["shards_complete"], t["documents"], t["samples"], 100 * t["fill"],
+                 skip_summary(manifest["skipped"]))
         warn_if_padded(t)
         return manifest
     except BaseException:
@@ -324,7 +349,7 @@ def run(source, layout: Layout, options: Options, out: Path, workers: int) -> di
         # Workers stopped mid-shard (SIGTERM runs none of their cleanup) leave spill and shard
         # temporaries: removed here, under the lock, so a failed run leaves nothing half-written.
         try:
-            output.remove_stale_temps(out)
+            output.remove_stale_temps(out, split.shards(len(tasks)) if split.split else None)
         except OSError:
             pass  # the error being raised says more; the rerun removes them
         raise
