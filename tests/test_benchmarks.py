@@ -27,19 +27,19 @@ def test_gpu_checks_pass_on_the_cpu():
     assert "isolation[fp32] docs 2-4 unchanged when docs 0 and 1 change" in out
 
 
-# Runs a benchmark with solo.train.train_step wrapped, recording every call's loss and what the
-# step counted, so the test sees which numbers the benchmark got from the trainer's own step.
-COUNT_TRAIN_STEPS = """
-import json, runpy, sys
-import solo.train
-calls, real = [], solo.train.train_step
-def counted(training, micro_batches, step):
-    assert isinstance(training, solo.train.Training), type(training)
-    done = real(training, micro_batches, step)
-    calls.append({"step": step, "loss": done.stats.loss, "flops": done.flops, "tokens": done.stats.tokens})
+# Runs a benchmark with one function of the project wrapped: every call appends what `record` makes of
+# (args, result) to a JSON list, so a test sees which numbers the benchmark got from the project's code.
+COUNTING_WRAPPER = """
+import importlib, json, runpy, sys
+module_name, owner_name, attr, record_source, calls_file, script, *args = sys.argv[1:]
+module = importlib.import_module(module_name)
+owner = getattr(module, owner_name) if owner_name else module
+calls, real, record = [], getattr(owner, attr), eval(record_source)
+def counted(*a):
+    done = real(*a)
+    calls.append(record(a, done))
     return done
-solo.train.train_step = counted
-calls_file, script, *args = sys.argv[1:]
+setattr(owner, attr, counted)
 sys.argv = [script, *args]
 try:
     runpy.run_path(script, run_name="__main__")
@@ -48,14 +48,30 @@ finally:
 """
 
 
+def counting(function: str, record: str, calls_file: Path) -> tuple[str, ...]:
+    """`run`'s wrapper for `module[.Class]:attr`, recording `record` (a lambda of (args, result))."""
+    module, attr = function.split(":")
+    owner = ""
+    if "." in attr:
+        owner, attr = attr.split(".")
+    return ("-c", COUNTING_WRAPPER, module, owner, attr, record, str(calls_file))
+
+
+# solo.train.train_step: every call's loss and what the step counted.
+TRAIN_STEP_CALLS = ('lambda a, done: {"step": a[2], "loss": done.stats.loss, "flops": done.flops, '
+                    '"tokens": done.stats.tokens, "training": type(a[0]).__name__}')
+
+
 def test_train_throughput_runs_the_training_step_path(tmp_path):
     calls_file, result_file = tmp_path / "calls.json", tmp_path / "result.json"
-    out = run("train_throughput.py", "--json", str(result_file), wrapper=("-c", COUNT_TRAIN_STEPS, str(calls_file)))
+    out = run("train_throughput.py", "--json", str(result_file),
+              wrapper=counting("solo.train:train_step", TRAIN_STEP_CALLS, calls_file))
     assert "fit over" in out and "vs the SOLO paper's 20K tokens/s" in out, out[-3000:]
     assert (tmp_path / "result.json").read_text().strip().startswith(("{", "["))
     # Every timed step is solo.train.train_step (smoke: 3 measurements of 1 warm-up + 2 timed steps),
     # and the losses, tokens and FLOPs the benchmark reports are the ones that step returned.
     calls, results = json.loads(calls_file.read_text()), json.loads(result_file.read_text())["results"]
+    assert {c["training"] for c in calls} == {"Training"}
     assert [c["step"] for c in calls] == [0, 1, 2] * 3
     assert [c["loss"] for c in calls] == [loss for r in results for loss in r["losses"]]
     assert [(c["flops"], c["tokens"]) for c in calls[2::3]] == [(r["flops"], r["tokens"]) for r in results]
@@ -70,29 +86,14 @@ def test_read_ahead_memory_measures_a_reading_and_a_receiving_tp_rank():
     assert "TP rank != 0: before" in out
 
 
-# Runs a benchmark with solo.data.loader.WorkerLoader.step wrapped, recording how many micro batches
-# each call handed out, so the test sees that the worker numbers come from the project's loader.
-COUNT_WORKER_STEPS = """
-import json, runpy, sys
-import solo.data.loader
-calls, real = [], solo.data.loader.WorkerLoader.step
-def counted(self, step):
-    batches = real(self, step)
-    calls.append({"step": step, "workers": self.workers, "micro_batches": len(batches)})
-    return batches
-solo.data.loader.WorkerLoader.step = counted
-calls_file, script, *args = sys.argv[1:]
-sys.argv = [script, *args]
-try:
-    runpy.run_path(script, run_name="__main__")
-finally:
-    open(calls_file, "w").write(json.dumps(calls))
-"""
+# solo.data.loader.WorkerLoader.step: how many micro batches each call handed out, so the test sees
+# that the worker numbers come from the project's loader.
+WORKER_STEP_CALLS = 'lambda a, batches: {"step": a[1], "workers": a[0].workers, "micro_batches": len(batches)}'
 
 
 def test_data_loader_reports_every_pixel_kind_through_the_worker_loader(tmp_path):
     calls_file = tmp_path / "calls.json"
-    out = run("data_loader.py", wrapper=("-c", COUNT_WORKER_STEPS, str(calls_file)))
+    out = run("data_loader.py", wrapper=counting("solo.data.loader:WorkerLoader.step", WORKER_STEP_CALLS, calls_file))
     assert "step time" in out and "train_throughput_h100.log" in out, out[-3000:]
     kinds = {kind: (float(size), quality) for kind, size, quality in
              re.findall(r"^\s*(raw|png|jpeg):\s+([\d.]+) bytes per vision token, (.*)$", out, re.M)}

@@ -17,8 +17,9 @@ from solo.distributed import destroy_distributed, init_distributed, rank
 from solo.model import build_model
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def checkpoint_model(parser: argparse.ArgumentParser):
+    """(args, config, model): CONFIG [--checkpoint] [--out] [overrides] parsed, the processes grouped
+    by the config's TP, and the checkpoint's weights loaded into the local-spec model."""
     parser.add_argument("config")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", required=True)
@@ -28,6 +29,11 @@ def main():
     init_distributed(cfg.parallel.tensor_parallel, seed=cfg.seed)
     model = build_model(cfg.model, cfg.parallel, backend="local")
     load_checkpoint(resolve_checkpoint(args.checkpoint), model, load_rng=False)
+    return args, cfg, model
+
+
+def main():
+    args, cfg, model = checkpoint_model(argparse.ArgumentParser())
     data = StageData(cfg.data, cfg.global_batch_size, cfg.train_steps, cfg.model.patch_size)
     total = count = 0.0
     with torch.no_grad():

@@ -9,28 +9,18 @@ import argparse
 import json
 
 import torch
+from eval_checkpoint import checkpoint_model  # a sibling: torchrun puts this folder on sys.path
 
-from solo.checkpoint import load_checkpoint, resolve_checkpoint
-from solo.config import load_config
 from solo.data.batch import attention_inputs, collate
 from solo.data.shards import list_shards, open_shard
-from solo.distributed import destroy_distributed, init_distributed, rank
-from solo.model import build_model
+from solo.distributed import destroy_distributed, rank
 from solo.templates import get_template
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("config")
-    parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--folders", nargs="+", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
-    init_distributed(cfg.parallel.tensor_parallel, seed=cfg.seed)
-    model = build_model(cfg.model, cfg.parallel, backend="local")
-    load_checkpoint(resolve_checkpoint(args.checkpoint), model, load_rng=False)
+    args, cfg, model = checkpoint_model(parser)
     model.eval()
     stop_id = get_template(cfg.data.template).stop_id
     sums = {"all": [0.0, 0.0], "vl": [0.0, 0.0]}
