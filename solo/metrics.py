@@ -147,7 +147,7 @@ class MetricsLogger:
                 flush=True,
             )
         if extra:
-            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            fmt = lambda v: "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4f}"  # noqa: E731
             print(f"[solo {self.cfg.stage}] step {step}/{self.total_steps} | "
                   + " | ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in extra.items()), flush=True)
 
