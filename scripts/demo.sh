@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: installs everything, then runs the SOLO recipe end to end on CPU (about 10 min):
+# The main job: installs everything, then runs the SOLO recipe end to end on CPU (about 14 min):
 # shard preprocessing, stages 1 -> 2 -> 3 under torchrun (TP=2 on 2 gloo ranks), export to
 # HuggingFace, and generations from the exported model. Output: demo_out/ (summary.json, PNG).
 set -euo pipefail

@@ -67,22 +67,32 @@ def build_inputs(out: Path, photos: dict, images_per_class: int, texts: int | No
     return inputs
 
 
+def solo_preprocess(*args: str) -> None:
+    """The `solo-preprocess` command, run in this process: the same `main` the console script calls,
+    without a fresh interpreter importing torch and megatron-core for each of a dozen small runs."""
+    from solo.preprocess.cli import main
+
+    print("$ solo-preprocess " + " ".join(args), flush=True)
+    if (code := main(list(args))) != 0:
+        raise SystemExit(f"solo-preprocess {args[0]} exited {code}")
+
+
 def preprocess(inputs: Path, shards: Path, seq_length: int, max_side: int) -> None:
     common = ["--seq-length", str(seq_length), "--max-side", str(max_side), "--workers", "2", "--seed", "0"]
-    sh("solo-preprocess", "imagenet", "--input", str(inputs / "imagenet" / "train"),
+    solo_preprocess("imagenet", "--input", str(inputs / "imagenet" / "train"),
        "--synsets", str(inputs / "imagenet" / "LOC_synset_mapping.txt"), "--output", str(shards / "imagenet"), *common)
     for split, name in (("train", "digits"), ("heldout", "digits-heldout")):
-        sh("solo-preprocess", "imagenet", "--input", str(inputs / "digits" / split),
+        solo_preprocess("imagenet", "--input", str(inputs / "digits" / split),
            "--synsets", str(inputs / "digits" / "LOC_synset_mapping.txt"), "--output", str(shards / name), *common)
-    sh("solo-preprocess", "captions", "--input", str(inputs / "captions" / "*.tar"),
+    solo_preprocess("captions", "--input", str(inputs / "captions" / "*.tar"),
        "--output", str(shards / "captions"), *common)
-    sh("solo-preprocess", "sft", "--input", str(inputs / "sft" / "conversations.json"),
+    solo_preprocess("sft", "--input", str(inputs / "sft" / "conversations.json"),
        "--images", str(inputs / "sft" / "images"), "--output", str(shards / "sft"),
        "--holdout-fraction", str(SFT_HOLDOUT_FRACTION), *common)
-    sh("solo-preprocess", "text", "--input", str(inputs / "text" / "*.jsonl.zst"),
+    solo_preprocess("text", "--input", str(inputs / "text" / "*.jsonl.zst"),
        "--output", str(shards / "text"), *common)
     for name in ("imagenet", "digits", "digits-heldout", "captions", "sft", "text"):
-        sh("solo-preprocess", "stats", str(shards / name))
+        solo_preprocess("stats", str(shards / name))
 
 
 def stage_config(out: Path, stage: str, steps: int | None) -> Path:
@@ -135,17 +145,25 @@ def name_photographs(hf: Path, inputs: Path, photos: dict) -> list[dict]:
 
 
 def solo_generate(hf: Path, inputs: Path, photos: dict) -> list[dict]:
-    """What a user runs: the `solo-generate` command on the exported fine-tuned model, one photograph
-    each, asked a question of the conversations in the template it was fine-tuned on (solo-inst)."""
-    rows = []
-    for k, (file, (label, _)) in enumerate(photos.items()):
-        cmd = ["solo-generate", "--model", str(hf), "--image", str(first_image(inputs, k)), "--max-new-tokens", "16",
-               "--prompt", FINAL_QUESTION]
-        print("$ " + " ".join(cmd), flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        text = subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True).stdout.strip()
-        rows.append({"photo": file, "label": label, "generated": text})
-    return rows
+    """What a user runs: the `solo-generate` command on the exported fine-tuned model, every photograph
+    in one batch, asked a question of the conversations in the template it was fine-tuned on (solo-inst).
+    One answer per line; should an answer hold a line break, each photograph is asked on its own."""
+    images = [str(first_image(inputs, k)) for k in range(len(photos))]
+    answers = _solo_generate(hf, images)
+    if len(answers) != len(images):
+        answers = [" ".join(_solo_generate(hf, [image])) for image in images]
+    return [{"photo": file, "label": label, "generated": text}
+            for (file, (label, _)), text in zip(photos.items(), answers, strict=True)]
+
+
+def _solo_generate(hf: Path, images: list[str]) -> list[str]:
+    cmd = ["solo-generate", "--model", str(hf), *(a for image in images for a in ("--image", image)),
+           "--max-new-tokens", "16", "--prompt", FINAL_QUESTION]
+    print("$ " + " ".join(cmd), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True)
+    print(proc.stderr.strip().splitlines()[-1], flush=True)  # its tokens/s line
+    return [line.strip() for line in proc.stdout.rstrip("\n").split("\n")]
 
 
 def summarize(out: Path, phases: Phases, stage1_rows: list[dict], final_rows: list[dict]) -> dict:
