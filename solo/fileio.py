@@ -30,15 +30,16 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{path.name}")
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data`, all or nothing (see the module docstring).
+def atomic_write(path: str | Path, data: bytes, temp: str | Path | None = None) -> None:
+    """Replace `path` with `data`, all or nothing (see the module docstring). `temp`: the temporary
+    to write (default `temp_path(path)`), e.g. one named by its writer where several machines write.
 
     On any error the temporary is removed and the old file is left as it was; an OSError that
     names no file (a failed write or flush does not) is given the temporary's name, so the message
     says which disk is full.
     """
     path = Path(path)
-    tmp = temp_path(path)
+    tmp = Path(temp) if temp is not None else temp_path(path)
     try:
         with naming(tmp), open(tmp, "wb") as f:
             f.write(data)
@@ -46,6 +47,41 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def create_once(path: str | Path, data: bytes, temp: str | Path) -> bool:
+    """Create `path` holding `data` unless it exists (False then), atomically and durably: the
+    finished, fsynced `temp` is hard-linked to the name, which never replaces a file, on NFS too.
+    Where links are not supported, an O_EXCL create (exclusive, but readable while half-written)."""
+    path, temp = Path(path), Path(temp)
+    try:
+        with naming(temp), open(temp, "wb") as f:
+            f.write(data)
+        _fsync_path(temp)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+            return _create_exclusive(path, data)
+        fsync_dir(path.parent)
+        return True
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with naming(path), os.fdopen(fd, "wb") as f:
+        f.write(data)
+    _fsync_path(path)
+    fsync_dir(path.parent)
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -25,7 +25,6 @@ The SLURM variables that name a node are read by `split_from`.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from solo.fileio import TEMP_PREFIX, naming, replace_durably
+from solo.fileio import TEMP_PREFIX, atomic_write, create_once
 from solo.preprocess import output
 from solo.preprocess.output import UsageError
 
@@ -263,50 +262,14 @@ def _temp(out: Path, name: str, tag: str) -> Path:
     return out / LEDGER / f"{TEMP_PREFIX}{name}.{tag}"
 
 
-def _write_temp(tmp: Path, data: bytes) -> None:
-    with naming(tmp), open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _create_once(out: Path, path: Path, data: bytes, tag: str) -> bool:
-    """Create `path` holding `data` unless it exists, atomically: a finished temporary hard-linked to
-    the name (link never replaces, on NFS too). Where links are not supported, O_EXCL."""
-    tmp = _temp(out, path.name, tag)
-    _write_temp(tmp, data)
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-        return _create_exclusive(path, data)  # not atomic; rare on shared storage
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _create_exclusive(path: Path, data: bytes) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    with naming(path), os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return True
+    """Create `path` unless it exists, through this writer's own temporary (solo.fileio)."""
+    return create_once(path, data, _temp(out, path.name, tag))
 
 
 def _replace(out: Path, path: Path, data: bytes, tag: str) -> None:
     """Replace `path` by `data`, all or nothing, through a temporary of this writer's own."""
-    tmp = _temp(out, path.name, tag)
-    try:
-        _write_temp(tmp, data)
-        replace_durably(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, temp=_temp(out, path.name, tag))
 
 
 def _read_json(path: Path) -> dict:
