@@ -8,7 +8,9 @@ patch exists:
 * `optimizer_state`: `DistributedOptimizer`'s checkpoint load path made to work with torch's Adam
   (megatron-core's fallback without Apex or TransformerEngine) and its per-parameter ``step``;
 * `safe_load`: torch DCP's two unrestricted unpicklings (``.metadata``, stored objects) made safe;
-* `local_files`: megatron-core's multi-storage-client I/O layer switched off (local POSIX files only).
+* `local_files`: megatron-core's multi-storage-client I/O layer switched off (local POSIX files only);
+* `writer_queue` (with the CPU backend): the checkpoint writer's results queue from a forked, not a
+  spawned, Manager, which would re-import torch and megatron-core before a process's first save.
 
 Nothing is applied on import. `apply(cpu=...)` applies them all, once per process;
 `solo.distributed.init_distributed` calls it, so every training, conversion and test process that
@@ -18,7 +20,7 @@ builds megatron-core's groups runs with the same patches.
 from __future__ import annotations
 
 from megatron_patches import cpu as cpu_backend
-from megatron_patches import local_files, optimizer_state, safe_load
+from megatron_patches import local_files, optimizer_state, safe_load, writer_queue
 
 
 def apply(cpu: bool) -> None:
@@ -28,6 +30,7 @@ def apply(cpu: bool) -> None:
     """
     if cpu:
         cpu_backend.apply()
+        writer_queue.apply()
     local_files.apply()
     optimizer_state.apply()
     safe_load.apply()

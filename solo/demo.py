@@ -67,14 +67,18 @@ def build_inputs(out: Path, photos: dict, images_per_class: int, texts: int | No
     return inputs
 
 
+def in_process(command: str, main, *args: str) -> None:
+    """A console command run in this process: the same `main` its script calls, without a fresh
+    interpreter importing torch and megatron-core for each of a dozen small runs."""
+    print(f"$ {command} " + " ".join(args), flush=True)
+    if (code := main(list(args))) != 0:
+        raise SystemExit(f"{command} {args[0]} exited {code}")
+
+
 def solo_preprocess(*args: str) -> None:
-    """The `solo-preprocess` command, run in this process: the same `main` the console script calls,
-    without a fresh interpreter importing torch and megatron-core for each of a dozen small runs."""
     from solo.preprocess.cli import main
 
-    print("$ solo-preprocess " + " ".join(args), flush=True)
-    if (code := main(list(args))) != 0:
-        raise SystemExit(f"solo-preprocess {args[0]} exited {code}")
+    in_process("solo-preprocess", main, *args)
 
 
 def preprocess(inputs: Path, shards: Path, seq_length: int, max_side: int) -> None:
@@ -124,7 +128,9 @@ def export(run: Path, hf: Path) -> None:
 
         shutil.rmtree(hf)
     hf.parent.mkdir(parents=True, exist_ok=True)
-    sh("solo-convert", "solo-to-hf", "--checkpoint", str(run), "--output", str(hf))
+    from solo.convert.cli import main
+
+    in_process("solo-convert", main, "solo-to-hf", "--checkpoint", str(run), "--output", str(hf))
 
 
 def first_image(inputs: Path, k: int) -> Path:

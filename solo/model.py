@@ -18,6 +18,11 @@ The one addition (SOLO, Sec. 2.1; the authors' ``inputs_embeds += vision_embeds`
 ``<vpatch>`` position the input embedding is the ``<vpatch>`` token embedding plus a bias-free
 ``Linear(3 * patch_size**2 -> hidden)`` projection of the normalized patch (raw uint8 patches are
 normalized on the model's device).
+
+One saving: given a `loss_mask`, training and validation run the output layer and its cross
+entropy only at the target positions (SOLO takes no loss on image patches, `<s>` or padding), through
+megatron-core's own output layer and `compute_language_model_loss`; the loss there is the one the
+full output layer gives, and every other position reads 0.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 
 from solo.config import ModelConfig, ParallelConfig
@@ -209,6 +215,35 @@ class SOLOModel(GPTModel):
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             packed_seq_params=packed_seq_params, **kwargs,
         )
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
+        """megatron-core's output layer and loss, at the target positions only when `loss_mask` is
+        given. Those are a small share of a SOLO batch (image patches, `<s>` and padding carry no
+        loss), and the output layer over the 33k-id vocabulary is the biggest matmul of a small model."""
+        if (labels is None or loss_mask is None or not self.post_process or self.mtp_process
+                or self.config.mtp_num_layers is not None):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args,
+                                        loss_mask=loss_mask, **kwargs)
+        targets = loss_mask.t() > 0  # [s, b], the layout of hidden_states
+        layer = self.output_layer
+        sequence_parallel = layer.sequence_parallel
+        if sequence_parallel:
+            # Every TP rank needs every target's hidden state; the output layer then all-reduces
+            # their gradient over TP (as without sequence parallelism), and the gather's backward
+            # keeps this rank's slice of it.
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
+        picked = hidden_states[targets].unsqueeze(1)  # [n, 1, h]
+        layer.sequence_parallel = False
+        try:
+            weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+            logits, _ = layer(picked, weight=weight)
+        finally:
+            layer.sequence_parallel = sequence_parallel
+        picked_loss = self.compute_language_model_loss(labels.t()[targets].unsqueeze(0), logits)  # [1, n]
+        loss = picked_loss.new_zeros(targets.shape)
+        loss[targets] = picked_loss[0]
+        return loss.t().contiguous()
 
     def _add_patch_embeddings(self, embeddings, input_ids, patches):
         """embeddings: [s_local, b, h] (sequence-parallel slice), patches: [n, patch_dim] in the

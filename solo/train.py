@@ -407,7 +407,7 @@ def _forward_step(backend, data_iterator, model):
         batch = batch.as_one_row()
     attention_mask, packed_seq_params = attention_inputs(batch, backend)
     per_token_loss = model(batch.tokens, batch.position_ids, attention_mask, patches=batch.patches,
-                           labels=batch.labels, packed_seq_params=packed_seq_params)
+                           labels=batch.labels, loss_mask=batch.loss_mask, packed_seq_params=packed_seq_params)
     return per_token_loss, partial(_loss, batch)
 
 

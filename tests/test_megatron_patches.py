@@ -9,7 +9,7 @@ import pytest
 from tests.torchrun import torchrun
 
 PATCHED = ["DefaultLoadPlanner.load_bytes", "DistributedOptimizer._set_main_param_and_optimizer_states",
-           "DistributedOptimizer.load_state_dict", "filesystem.pickle", "mcore_random._get_cuda_rng_state",
+           "DistributedOptimizer.load_state_dict", "filesystem.pickle", "filesystem_async._get_write_results_queue", "mcore_random._get_cuda_rng_state",
            "mcore_random._set_cuda_rng_state", "torch.cuda.get_rng_state", "torch.cuda.manual_seed",
            "torch.cuda.set_rng_state"]
 
@@ -45,6 +45,15 @@ def test_megatron_core_cuda_calls_run_on_the_cpu(checks):
     assert checks["device_of_cuda_request"] == "cpu"
     assert checks["type_of_cpu_float"] == "torch.cuda.FloatTensor"
     assert "refusing to unpickle builtins.exec" in checks["metadata_payload"]
+
+
+@pytest.mark.distributed
+def test_the_checkpoint_writers_results_queue_comes_from_a_forked_manager(checks):
+    # megatron-core spawns it: a fresh interpreter that re-imports torch and megatron-core (~12 s on
+    # 2 cores) before every training process's first save. A fork shows the parent's command line.
+    assert checks["queue_roundtrip"] == "result"
+    assert len(checks["queue_manager_cmdlines"]) == 1, checks["queue_manager_cmdlines"]
+    assert checks["queue_manager_cmdlines"] == [checks["own_cmdline"]]
 
 
 def test_importing_solo_checkpoint_alone_makes_checkpoint_loading_safe():

@@ -39,6 +39,21 @@ def test_tensor_parallel_gives_same_loss_logits_and_projection_gradient(parity, 
     np.testing.assert_allclose(other["norm_grad"], ref["norm_grad"], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "tp2sp"])
+def test_with_the_loss_mask_the_output_layer_runs_at_target_positions_only(parity, layout):
+    # Training hands the loss mask to the model, which then computes logits and cross entropy at
+    # the target positions only: the same loss there, 0 elsewhere, the same gradient everywhere.
+    run = parity[layout]
+    mask = run["loss_mask"] > 0
+    assert 0 < mask.sum() < mask.size  # the batch has positions without loss (patches, <s>, padding)
+    assert run["picked_rows"].tolist() == [[mask.sum(), 1]]  # [n, 1] rows into the output layer, once
+    np.testing.assert_allclose(run["picked_per_token"][mask], run["full_per_token"][mask], rtol=1e-5)
+    assert np.all(run["picked_per_token"][~mask] == 0)
+    np.testing.assert_allclose(run["picked_loss"], run["loss"], rtol=1e-6)
+    assert np.abs(run["full_grads"]).max() > 0
+    np.testing.assert_allclose(run["picked_grads"], run["full_grads"], rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("case", ["first", "first_pixels", "middle"])
 def test_documents_in_a_packed_row_do_not_see_each_other(single, case):
     # One document's text and/or pixels changed: the other documents' (and the padding's) logits

@@ -48,10 +48,10 @@ def standard_documents(seed=0):
     ]
 
 
-def run(model, batch, backend):
+def run(model, batch, backend, **kwargs):
     mask, packed = attention_inputs(batch, backend)
     return model(batch.tokens, batch.position_ids, mask, patches=batch.patches,
-                 labels=batch.labels, packed_seq_params=packed)
+                 labels=batch.labels, packed_seq_params=packed, **kwargs)
 
 
 def logits(model, batch, backend):
@@ -75,10 +75,26 @@ def check_parity(args):
     loss.backward()
     finalize_model_grads([ddp])
     out = logits(model, batch, "local")
+    full_grads = torch.cat([p.main_grad.flatten() for p in model.parameters()]).clone()
+
+    # The same step with the loss mask handed to the model, as training does: the output layer
+    # then runs at the target positions only (SOLOModel._postprocess).
+    ddp.zero_grad_buffer()
+    rows = []
+    hook = model.output_layer.register_forward_hook(lambda _m, inputs, _o: rows.append(inputs[0].shape[:2]))
+    picked = run(ddp, batch, "local", loss_mask=batch.loss_mask)
+    hook.remove()
+    picked_loss = (picked * batch.loss_mask).sum() / batch.loss_mask.sum()
+    picked_loss.backward()
+    finalize_model_grads([ddp])
+    picked_grads = torch.cat([p.main_grad.flatten() for p in model.parameters()])
     if rank() == 0:
         np.savez(args.out, loss=loss.item(), grad=model.patch_projection.weight.main_grad.numpy(),
                  norm_grad=model.decoder.final_layernorm.weight.main_grad.numpy(),
-                 logits=out[0, :, :MODEL.vocab_size].detach().numpy())
+                 logits=out[0, :, :MODEL.vocab_size].detach().numpy(),
+                 picked_loss=picked_loss.item(), picked_per_token=picked.detach().numpy(),
+                 full_per_token=per_token.detach().numpy(), loss_mask=batch.loss_mask.numpy(),
+                 picked_rows=np.array(rows), full_grads=full_grads.numpy(), picked_grads=picked_grads.numpy())
 
 
 RECOMPUTE = {  # name: (granularity, method, num_layers), TrainConfig's recompute_* fields

@@ -11,7 +11,9 @@ import io
 import json
 import pickle
 
+import psutil
 import torch
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import random as mcore_random
@@ -19,7 +21,7 @@ from torch.distributed.checkpoint import default_planner, filesystem
 from torch.overrides import _get_current_function_mode_stack
 
 import megatron_patches
-from megatron_patches import cpu, optimizer_state, safe_load
+from megatron_patches import cpu, optimizer_state, safe_load, writer_queue
 from solo.distributed import destroy_distributed, init_distributed
 
 
@@ -38,6 +40,7 @@ def patched_attributes() -> dict:
             DistributedOptimizer._set_main_param_and_optimizer_states,
         "filesystem.pickle": filesystem.pickle,
         "DefaultLoadPlanner.load_bytes": default_planner.DefaultLoadPlanner.load_bytes,
+        "filesystem_async._get_write_results_queue": filesystem_async._get_write_results_queue,
     }
 
 
@@ -51,6 +54,7 @@ def ours(attributes: dict) -> dict:
         "DistributedOptimizer.load_state_dict": optimizer_state._load_state_dict_with_own_steps,
         "DistributedOptimizer._set_main_param_and_optimizer_states": optimizer_state._set_states_keeping_step,
         "DefaultLoadPlanner.load_bytes": safe_load._load_bytes_weights_only,
+        "filesystem_async._get_write_results_queue": writer_queue._forked_results_queue,
     }
     flags = {name: attributes[name] is fn for name, fn in expected.items()}
     flags["filesystem.pickle"] = isinstance(attributes["filesystem.pickle"], safe_load._RestrictedPickle)
@@ -80,6 +84,15 @@ def megatron_core_on_the_cpu() -> dict:
     results["current_device"] = str(torch.cuda.current_device())
     results["device_of_cuda_request"] = str(torch.zeros(2, device="cuda").device)
     results["type_of_cpu_float"] = torch.zeros(2).type()
+    # The checkpoint writer's results queue, as the first save gets it: its Manager is a fork of
+    # this process (a spawned one would be a fresh interpreter re-importing torch and megatron-core).
+    before = {c.pid for c in psutil.Process().children()}
+    queue = filesystem_async._get_write_results_queue()
+    queue.put("result")
+    results["queue_roundtrip"] = queue.get(timeout=30)
+    started = [c for c in psutil.Process().children() if c.pid not in before]
+    results["queue_manager_cmdlines"] = [" ".join(c.cmdline()) for c in started]
+    results["own_cmdline"] = " ".join(psutil.Process().cmdline())
     try:
         filesystem.pickle.load(io.BytesIO(pickle.dumps(Payload())))
         results["metadata_payload"] = "loaded"
