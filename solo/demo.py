@@ -27,7 +27,7 @@ from solo import demo_data
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("stage1", "stage2", "stage3", "sft")  # the paper's three pretraining stages, then its SFT
 SFT_HOLDOUT_FRACTION = 0.2  # of the conversations, for the SFT stage's validation loss
-FINAL_QUESTION = "Describe it in one word."  # one of the demo conversations' questions
+FINAL_QUESTION = "What is shown in this picture?"  # the demo conversations' first question
 # --quick: the same phases at the smallest size that still exercises every code path (tests).
 # (5 photographs: the 5th conversation is the one --holdout-fraction 0.2 holds out.)
 QUICK = {"photos": 5, "images_per_class": 1, "texts": 8, "digits": 100,
@@ -108,7 +108,7 @@ def stage_config(out: Path, stage: str, steps: int | None) -> Path:
         cfg["save_interval_steps"] = steps
         cfg["log_interval_steps"] = 1
         if "eval_samples" in cfg:  # the quick inputs hold out one packed sample per source
-            cfg["eval_samples"] = 1
+            cfg["eval_samples"] = cfg["micro_batch_size"] = 1
     path = out / "configs" / f"{stage}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -158,7 +158,7 @@ def solo_generate(hf: Path, inputs: Path, photos: dict) -> list[dict]:
     answers = _solo_generate(hf, images)
     if len(answers) != len(images):
         answers = [" ".join(_solo_generate(hf, [image])) for image in images]
-    return [{"photo": file, "label": label, "generated": text}
+    return [{"photo": file, "label": label, "generated": text, "names_label": label.lower() in text.lower()}
             for (file, (label, _)), text in zip(photos.items(), answers, strict=True)]
 
 
@@ -223,9 +223,11 @@ def summarize(out: Path, phases: Phases, stage1_rows: list[dict], final_rows: li
               f"{d['share_of_training']:.1%} of the stage's time)")
     for r in stage1_rows:
         print(f"  {'ok ' if r['correct'] else 'BAD'} {r['photo']:<24} label {r['label']!r:<18} said {r['generated']!r}")
-    print(f"\nfinal model (after SFT), `solo-generate` with the photograph and {FINAL_QUESTION!r}, greedy:")
+    named = sum(r["names_label"] for r in final_rows)
+    print(f"\nfinal model (after SFT), `solo-generate` with the photograph and {FINAL_QUESTION!r}, greedy "
+          f"(the answer names the label for {named} of {len(final_rows)}):")
     for r in final_rows:
-        print(f"  {r['photo']:<24} label {r['label']!r:<18} -> {r['generated']!r}")
+        print(f"  {'ok ' if r['names_label'] else '-  '} {r['photo']:<24} label {r['label']!r:<18} -> {r['generated']!r}")
     print(f"\nloss curves: {png}\nsummary:     {out / 'summary.json'}")
     return summary
 
@@ -265,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         phases.run(stage, train, config)
     phases.run("export", lambda: [export(out / "runs" / s, out / "hf" / s) for s in ("stage1", "sft")])
     stage1_rows = phases.run("generate stage1", name_photographs, out / "hf" / "stage1", inputs, photos)
-    final_rows = phases.run("generate final", solo_generate, out / "hf" / "sft", inputs,
-                            dict(list(photos.items())[:4]))
+    final_rows = phases.run("generate final", solo_generate, out / "hf" / "sft", inputs, photos)
     summary = summarize(out, phases, stage1_rows, final_rows)
     # The check of the main job: stage 1 (ImageNet-style labels) must have taught the tiny model
     # the name of every training photograph. --quick trains too few steps for that.
