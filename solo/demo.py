@@ -227,7 +227,8 @@ def summarize(out: Path, phases: Phases, stage1_rows: list[dict], final_rows: li
     print(f"\nfinal model (after SFT), `solo-generate` with the photograph and {FINAL_QUESTION!r}, greedy "
           f"(the answer names the label for {named} of {len(final_rows)}):")
     for r in final_rows:
-        print(f"  {'ok ' if r['names_label'] else '-  '} {r['photo']:<24} label {r['label']!r:<18} -> {r['generated']!r}")
+        mark = "ok " if r["names_label"] else "-  "
+        print(f"  {mark} {r['photo']:<24} label {r['label']!r:<18} -> {r['generated']!r}")
     print(f"\nloss curves: {png}\nsummary:     {out / 'summary.json'}")
     return summary
 

@@ -21,8 +21,9 @@ keeps in flight, and the last, with the output layer and the logits):
   recomputed layer keeps only its input (h). Peaks: the end of the forward pass (everything kept +
   the logits and cross entropy: bf16 logits, megatron-core's fp32 copy, the bf16 gradient, 8 B per
   token and vocabulary entry / TP, counted for every token: the model computes them at target
-  positions only, so this is the bound of an all-text micro batch) or the backward of a recomputed chunk (kept inputs + the chunk's
-  full activations + the gradients in flight, counted as one more layer). The "local" backend (CPU)
+  positions only, so this is the bound of an all-text micro batch) or the backward of a recomputed
+  chunk (kept inputs + the chunk's full activations + the gradients in flight, counted as one more
+  layer). The "local" backend (CPU)
   also keeps its [heads, s, s] attention scores and probabilities.
 * **reserve**: 1 GiB (CUDA context, NCCL) + 15% of the above for the caching allocator's
   fragmentation (`docs/train_throughput_h100.log`: reserved is 6-20% above allocated).

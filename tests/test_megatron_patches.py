@@ -9,7 +9,8 @@ import pytest
 from tests.torchrun import torchrun
 
 PATCHED = ["DefaultLoadPlanner.load_bytes", "DistributedOptimizer._set_main_param_and_optimizer_states",
-           "DistributedOptimizer.load_state_dict", "filesystem.pickle", "filesystem_async._get_write_results_queue", "mcore_random._get_cuda_rng_state",
+           "DistributedOptimizer.load_state_dict", "filesystem.pickle", "filesystem_async._get_write_results_queue",
+           "mcore_random._get_cuda_rng_state",
            "mcore_random._set_cuda_rng_state", "torch.cuda.get_rng_state", "torch.cuda.manual_seed",
            "torch.cuda.set_rng_state"]
 
