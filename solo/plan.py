@@ -23,8 +23,7 @@ keeps in flight, and the last, with the output layer and the logits):
   token and vocabulary entry / TP, counted for every token: the model computes them at target
   positions only, so this is the bound of an all-text micro batch) or the backward of a recomputed
   chunk (kept inputs + the chunk's full activations + the gradients in flight, counted as one more
-  layer). The "local" backend (CPU)
-  also keeps its [heads, s, s] attention scores and probabilities.
+  layer). The "local" backend (CPU) also keeps its [heads, s, s] attention scores and probabilities.
 * **reserve**: 1 GiB (CUDA context, NCCL) + 15% of the above for the caching allocator's
   fragmentation (`docs/train_throughput_h100.log`: reserved is 6-20% above allocated).
 
