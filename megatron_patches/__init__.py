@@ -9,8 +9,8 @@ patch exists:
   (megatron-core's fallback without Apex or TransformerEngine) and its per-parameter ``step``;
 * `safe_load`: torch DCP's two unrestricted unpicklings (``.metadata``, stored objects) made safe;
 * `local_files`: megatron-core's multi-storage-client I/O layer switched off (local POSIX files only);
-* `writer_queue` (with the CPU backend): the checkpoint writer's results queue from a forked, not a
-  spawned, Manager, which would re-import torch and megatron-core before a process's first save.
+* `writer_queue` (with the CPU backend): the checkpoint writer's results queue without a spawned
+  Manager, which would re-import torch and megatron-core before a process's first save.
 
 Nothing is applied on import. `apply(cpu=...)` applies them all, once per process;
 `solo.distributed.init_distributed` calls it, so every training, conversion and test process that

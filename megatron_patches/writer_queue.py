@@ -1,30 +1,35 @@
-"""dist_checkpointing's writer results queue from a forked Manager, not a spawned one (CPU backend).
+"""dist_checkpointing's writer results queue without a spawned Manager process (CPU backend).
 
 Written against megatron-core 0.16.1. Before a process's first checkpoint save,
 `strategies.filesystem_async._get_write_results_queue` starts a ``multiprocessing.Manager`` with the
 ``spawn`` context. A spawned child re-imports the parent's main module, and under
 ``python -m solo.train`` that is torch and megatron-core again: 10-13 s on a 2-core machine, in every
-training process (every rank) that saves, which is most of a short CPU run's save and a third of a
+training process (every rank) that saves, which was most of a short CPU run's save and a third of a
 demo stage's wall time.
 
-The Manager's server only relays the writers' results. megatron-core already forks the writer
-processes themselves (``write_preloaded_data_multiproc``, ``fork`` context), so a forked Manager adds
-no new kind of process. Applied only with the CPU backend, where no CUDA context exists; on a GPU
-megatron-core's ``spawn`` is left as it is (it costs seconds once per run there).
+`solo.checkpoint` saves synchronously: the queue is filled and read in the training process itself
+(megatron-core's writer processes report through their own ``fork``-context queue), so a plain
+``queue.Queue`` carries the results, with no process of its own. Two alternatives fail: a forked
+Manager outlives a SIGKILLed trainer and keeps the inherited `solo.run_guard` lock, refusing the
+restart; a ``multiprocessing.Queue`` delivers through a feeder thread, and megatron-core reads the
+result with ``get_nowait`` right after the put ("results_queue should not be empty"). An
+asynchronous save, whose worker process would fill a copy of this queue, fails loudly with that
+same error; solo-megatron makes none. Applied only with the CPU
+backend; on a GPU megatron-core's Manager is left as it is (seconds, once per run).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import queue
 
 _applied = False
 
 
-def _forked_results_queue():
+def _in_process_results_queue():
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        filesystem_async._results_queue = queue.Queue()
     return filesystem_async._results_queue
 
 
@@ -35,5 +40,5 @@ def apply() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     # Module-level name, looked up at call time by `FileSystemWriterAsync.prepare_write_data`.
-    filesystem_async._get_write_results_queue = _forked_results_queue
+    filesystem_async._get_write_results_queue = _in_process_results_queue
     _applied = True

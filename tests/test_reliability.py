@@ -1126,7 +1126,8 @@ def test_a_second_job_on_the_save_dir_is_refused_and_ranks_die_with_their_launch
     import fcntl
 
     save_dir = tmp_path / "run"
-    cfg = config(root, save_dir, train_steps=40, save_interval_steps=1, keep_checkpoints=2)
+    # Far more steps than the test lets it run: the second job must find the first still training.
+    cfg = config(root, save_dir, train_steps=5000, save_interval_steps=1, keep_checkpoints=2)
     job = launch(cfg)
     try:
         wait_for_steps(job, save_dir, 1)

@@ -54,7 +54,7 @@ def ours(attributes: dict) -> dict:
         "DistributedOptimizer.load_state_dict": optimizer_state._load_state_dict_with_own_steps,
         "DistributedOptimizer._set_main_param_and_optimizer_states": optimizer_state._set_states_keeping_step,
         "DefaultLoadPlanner.load_bytes": safe_load._load_bytes_weights_only,
-        "filesystem_async._get_write_results_queue": writer_queue._forked_results_queue,
+        "filesystem_async._get_write_results_queue": writer_queue._in_process_results_queue,
     }
     flags = {name: attributes[name] is fn for name, fn in expected.items()}
     flags["filesystem.pickle"] = isinstance(attributes["filesystem.pickle"], safe_load._RestrictedPickle)
@@ -84,15 +84,15 @@ def megatron_core_on_the_cpu() -> dict:
     results["current_device"] = str(torch.cuda.current_device())
     results["device_of_cuda_request"] = str(torch.zeros(2, device="cuda").device)
     results["type_of_cpu_float"] = torch.zeros(2).type()
-    # The checkpoint writer's results queue, as the first save gets it: its Manager is a fork of
-    # this process (a spawned one would be a fresh interpreter re-importing torch and megatron-core).
+    # The checkpoint writer's results queue, as the first save gets it: no process of its own
+    # (megatron-core's spawned Manager re-imports torch and megatron-core; a forked one would
+    # outlive a killed trainer holding its save-dir lock).
     before = {c.pid for c in psutil.Process().children()}
     queue = filesystem_async._get_write_results_queue()
     queue.put("result")
     results["queue_roundtrip"] = queue.get(timeout=30)
     started = [c for c in psutil.Process().children() if c.pid not in before]
-    results["queue_manager_cmdlines"] = [" ".join(c.cmdline()) for c in started]
-    results["own_cmdline"] = " ".join(psutil.Process().cmdline())
+    results["queue_processes"] = [" ".join(c.cmdline()) for c in started]
     try:
         filesystem.pickle.load(io.BytesIO(pickle.dumps(Payload())))
         results["metadata_payload"] = "loaded"
