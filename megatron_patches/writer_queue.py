@@ -14,8 +14,8 @@ Manager outlives a SIGKILLed trainer and keeps the inherited `solo.run_guard` lo
 restart; a ``multiprocessing.Queue`` delivers through a feeder thread, and megatron-core reads the
 result with ``get_nowait`` right after the put ("results_queue should not be empty"). An
 asynchronous save, whose worker process would fill a copy of this queue, fails loudly with that
-same error; solo-megatron makes none. Applied only with the CPU
-backend; on a GPU megatron-core's Manager is left as it is (seconds, once per run).
+same error; solo-megatron makes none. Applied only with the CPU backend; on a GPU megatron-core's
+Manager is left as it is (seconds, once per run).
 """
 
 from __future__ import annotations

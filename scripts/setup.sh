@@ -12,7 +12,7 @@ KEY="$($PY -c 'import sys; print(sys.executable)') $(cat pyproject.toml constrai
 # (run from / so that the import finds the installed package, not the current folder)
 INSTALLED_HERE="import importlib.util as u, pathlib, sys, solo
 sys.exit(not (pathlib.Path(solo.__file__).parent == pathlib.Path(sys.argv[1], 'solo') and u.find_spec('megatron.core') and u.find_spec('torch')))"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && (cd / && $PY -c "$INSTALLED_HERE" "$OLDPWD") 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && (REPO=$PWD && cd / && $PY -c "$INSTALLED_HERE" "$REPO") 2>/dev/null; then
     echo "solo-megatron already installed for $KEY (remove $STAMP to reinstall)"
     exit 0
 fi
