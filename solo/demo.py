@@ -13,11 +13,13 @@ digits, chance 10%); the demo reports both, a summary table and a PNG of the los
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -67,18 +69,20 @@ def build_inputs(out: Path, photos: dict, images_per_class: int, texts: int | No
     return inputs
 
 
-def in_process(command: str, main, *args: str) -> None:
+def in_process(command: str, module: str, *args: str) -> None:
     """A console command run in this process: the same `main` its script calls, without a fresh
-    interpreter importing torch and megatron-core for each of a dozen small runs."""
+    interpreter importing torch and megatron-core for each of a dozen small runs. Warnings are
+    ignored, as for the commands run in their own process (PYTHONWARNINGS=ignore in `sh`)."""
     print(f"$ {command} " + " ".join(args), flush=True)
-    if (code := main(list(args))) != 0:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = importlib.import_module(module).main(list(args))
+    if code != 0:
         raise SystemExit(f"{command} {args[0]} exited {code}")
 
 
 def solo_preprocess(*args: str) -> None:
-    from solo.preprocess.cli import main
-
-    in_process("solo-preprocess", main, *args)
+    in_process("solo-preprocess", "solo.preprocess.cli", *args)
 
 
 def preprocess(inputs: Path, shards: Path, seq_length: int, max_side: int) -> None:
@@ -128,9 +132,7 @@ def export(run: Path, hf: Path) -> None:
 
         shutil.rmtree(hf)
     hf.parent.mkdir(parents=True, exist_ok=True)
-    from solo.convert.cli import main
-
-    in_process("solo-convert", main, "solo-to-hf", "--checkpoint", str(run), "--output", str(hf))
+    in_process("solo-convert", "solo.convert.cli", "solo-to-hf", "--checkpoint", str(run), "--output", str(hf))
 
 
 def first_image(inputs: Path, k: int) -> Path:

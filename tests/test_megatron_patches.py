@@ -20,7 +20,7 @@ def checks(tmp_path_factory):
     out = tmp_path_factory.mktemp("patches") / "checks.json"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU backend is what is checked, on any machine
-        torchrun("patch_checks.py", 1, "--out", out)
+        torchrun("patch_checks.py", 1, "--out", out, fresh=True)
     return json.loads(out.read_text())
 
 
