@@ -55,12 +55,13 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
     if probe_ax is not None:
         more = probe_ax.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, fontsize=7, ncol=3)
+    # Below the axes: a legend inside would cover the curves of a four-stage plot.
+    ax.legend(handles, labels, fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
+    fig.savefig(output, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return output
 
