@@ -26,6 +26,7 @@ import ctypes
 import datetime
 import fcntl
 import os
+import re
 import signal
 import socket
 import sys
@@ -38,6 +39,7 @@ import torch.distributed as dist
 
 LOCK_FILE = ".solo-train.lock"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+HOLDER_RECORD = re.compile(r"pid (?P<pid>\d+) on (?P<host>\S+), since \S+")  # as lock_save_dir writes it
 REMNANT_WAIT_S = 30.0  # a SIGKILLed writer in the middle of an fsync exits when the fsync returns
 
 _held: dict[Path, object] = {}  # save dir -> its open lock file (closing it would release the lock)
@@ -88,7 +90,7 @@ def lock_save_dir(save_dir: str | Path, remnant_wait_s: float = REMNANT_WAIT_S) 
     lock.seek(0)
     lock.truncate()
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")  # read by HOLDER_RECORD
     lock.flush()
     _held[save_dir.resolve()] = lock
     return None
@@ -96,10 +98,8 @@ def lock_save_dir(save_dir: str | Path, remnant_wait_s: float = REMNANT_WAIT_S) 
 
 def _holder_exited(holder: str) -> bool:
     """Whether the lock's record names a process of this host that no longer exists."""
-    fields = holder.split()
-    if len(fields) < 4 or fields[0] != "pid" or fields[2] != "on" or not fields[1].isdigit():
-        return False
-    return fields[3].rstrip(",") == socket.gethostname() and not psutil.pid_exists(int(fields[1]))
+    record = HOLDER_RECORD.fullmatch(holder)
+    return bool(record) and record["host"] == socket.gethostname() and not psutil.pid_exists(int(record["pid"]))
 
 
 def _processes_holding(path: Path) -> list[psutil.Process]:
